@@ -1,0 +1,156 @@
+"""Causal self-attention with grouped-query heads, rotary or learned positions and a KV cache.
+
+Hook points follow TransformerLens: hook_q/k/v (before rotation), hook_rot_q/k, hook_attn_scores
+(scaled and masked, before softmax), hook_pattern, hook_z. When nothing hooks the scores or the
+pattern, attention runs through `scaled_dot_product_attention` and never forms them; otherwise it
+runs the explicit path so those hooks see (and may edit) the real tensors. Both give equal results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import einops
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from ..config import HookedBilinearConfig
+from .rotary import Rotary
+
+
+@dataclass
+class LayerKVCache:
+    """Keys and values of the positions seen so far: [batch, seen, n_key_value_heads, d_head]."""
+
+    k: Optional[Tensor] = None
+    v: Optional[Tensor] = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: HookedBilinearConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, kv, d, k, dtype = cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.dtype
+        self.W_Q = nn.Parameter(torch.empty(h, d, k, dtype=dtype))
+        self._W_K = nn.Parameter(torch.empty(kv, d, k, dtype=dtype))
+        self._W_V = nn.Parameter(torch.empty(kv, d, k, dtype=dtype))
+        self.W_O = nn.Parameter(torch.empty(h, k, d, dtype=dtype))
+        if cfg.attn_bias:
+            self.b_Q = nn.Parameter(torch.zeros(h, k, dtype=dtype))
+            self._b_K = nn.Parameter(torch.zeros(kv, k, dtype=dtype))
+            self._b_V = nn.Parameter(torch.zeros(kv, k, dtype=dtype))
+            self.b_O = nn.Parameter(torch.zeros(d, dtype=dtype))
+        else:
+            self.b_Q = self._b_K = self._b_V = self.b_O = None
+        self.rotary = (
+            Rotary(cfg.rotary_dim, cfg.n_ctx, cfg.rotary_base) if cfg.positional_embedding_type == "rotary" else None
+        )
+        self.scale = 1.0 / math.sqrt(k)
+        # ActivationCache multiplies per-head results by this, matching the scaled layer output.
+        self._result_contribution_scale = cfg.attn_out_scale
+
+        self.hook_q = HookPoint()  # [batch, pos, n_heads, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, n_key_value_heads, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, n_key_value_heads, d_head]
+        self.hook_rot_q = HookPoint()
+        self.hook_rot_k = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, n_heads, query_pos, key_pos]
+        self.hook_pattern = HookPoint()  # [batch, n_heads, query_pos, key_pos]
+        self.hook_z = HookPoint()  # [batch, pos, n_heads, d_head]
+
+    # Per-head views repeat the shared keys/values, as TransformerLens does for grouped-query attention.
+    @property
+    def W_K(self) -> Tensor:
+        return self._repeat_kv(self._W_K)
+
+    @property
+    def W_V(self) -> Tensor:
+        return self._repeat_kv(self._W_V)
+
+    @property
+    def b_K(self) -> Optional[Tensor]:
+        return None if self._b_K is None else self._repeat_kv(self._b_K)
+
+    @property
+    def b_V(self) -> Optional[Tensor]:
+        return None if self._b_V is None else self._repeat_kv(self._b_V)
+
+    def _repeat_kv(self, t: Tensor, dim: int = 0) -> Tensor:
+        group = self.cfg.n_heads // self.cfg.n_key_value_heads
+        return t if group == 1 else t.repeat_interleave(group, dim=dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        key_mask: Optional[Tensor] = None,
+        kv_cache: Optional[LayerKVCache] = None,
+    ) -> Tensor:
+        """x: [batch, pos, d_model]; positions: [batch, pos]; key_mask: [batch, key_pos] bool
+        (False at padding, covering cached and new positions) -> [batch, pos, d_model]."""
+        q = torch.einsum("bpd,hdk->bphk", x, self.W_Q)
+        k = torch.einsum("bpd,hdk->bphk", x, self._W_K)
+        v = torch.einsum("bpd,hdk->bphk", x, self._W_V)
+        if self.b_Q is not None:
+            q, k, v = q + self.b_Q, k + self._b_K, v + self._b_V
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.rotary is not None:
+            q = self.hook_rot_q(self.rotary(q, positions))
+            k = self.hook_rot_k(self.rotary(k, positions))
+        if kv_cache is not None:
+            past = 0 if kv_cache.k is None else kv_cache.k.shape[1]
+            k, v = kv_cache.extend(k, v)
+        else:
+            past = 0
+        mask = self._attention_mask(q.shape[1], k.shape[1], past, key_mask, x.device)
+
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+            z = self._explicit_attention(q, k, v, mask)
+        else:
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=mask is None and q.shape[1] > 1,
+                scale=self.scale,
+                enable_gqa=self.cfg.n_key_value_heads != self.cfg.n_heads,
+            ).transpose(1, 2)
+        z = self.hook_z(z)
+        out = einops.rearrange(z, "b p h k -> b p (h k)") @ einops.rearrange(self.W_O, "h k d -> (h k) d")
+        if self.b_O is not None:
+            out = out + self.b_O
+        return out * self.cfg.attn_out_scale if self.cfg.attn_out_scale != 1.0 else out
+
+    @staticmethod
+    def _attention_mask(
+        n_query: int, n_key: int, past: int, key_mask: Optional[Tensor], device: torch.device
+    ) -> Optional[Tensor]:
+        """Boolean [batch|1, 1, query, key] mask (True = attend), or None for the plain causal case."""
+        if key_mask is None and past == 0:
+            return None  # causal and square: the fused kernel's is_causal covers it
+        query_index = torch.arange(n_query, device=device)[:, None] + past
+        key_index = torch.arange(n_key, device=device)[None, :]
+        allowed = (key_index <= query_index)[None, None]
+        if key_mask is not None:
+            # A query always sees itself, so rows at padding positions stay finite (they are ignored).
+            allowed = allowed & key_mask[:, None, None, :].bool() | (key_index == query_index)[None, None]
+        return allowed
+
+    def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        k, v = self._repeat_kv(k, dim=2), self._repeat_kv(v, dim=2)
+        scores = torch.einsum("bqhk,bshk->bhqs", q, k) * self.scale
+        if mask is None:
+            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()[None, None]
+        scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+        pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(v.dtype))
+        return torch.einsum("bhqs,bshk->bqhk", pattern, v)

@@ -1,0 +1,1 @@
+"""training: data, tokenizers, training loops and the command line."""
