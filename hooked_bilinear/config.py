@@ -83,7 +83,9 @@ class HookedBilinearConfig(TransformerLensConfig):
 
     def __post_init__(self) -> None:
         self.dtype = parse_dtype(self.dtype)
-        if self.n_heads == -1 and self.d_head > 0 and self.d_model % self.d_head == 0:
+        if self.n_heads == -1 and isinstance(self.d_head, int) and self.d_head > 0:
+            if self.d_model % self.d_head:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by d_head ({self.d_head}) when n_heads is not given")
             self.n_heads = self.d_model // self.d_head
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model

@@ -77,8 +77,9 @@ def fold_layer_norm(model: Any, fold_attn_out_scale: bool = True) -> None:
     if w is not None or (b is not None and b.abs().max() > 0):
         unembed = model.unembed
         if cfg.tie_embeddings:
-            unembed.W_U = nn.Parameter(model.W_E.T.clone())
+            untied = nn.Parameter(model.W_E.T.clone())
             unembed._tied_to = None
+            unembed.W_U = untied
             cfg.tie_embeddings = False
         if b is not None and b.abs().max() > 0:
             cfg.unembed_bias = True

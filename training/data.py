@@ -155,7 +155,9 @@ def load_text_dataset(
         builder, data_files = spec
         if split not in data_files:
             raise ValueError(f"split {split!r} not among the given files' splits {list(data_files)}")
-        ds = datasets.load_dataset(builder, data_files=data_files, split=split, streaming=streaming, **load_kwargs)
+        ds = datasets.load_dataset(
+            builder, data_files=data_files, split=split, streaming=streaming, **load_kwargs
+        )
     else:  # "dir" (data files named by split) and "hub" both go through load_dataset's resolution
         ds = datasets.load_dataset(str(spec), split=split, streaming=streaming, **load_kwargs)
     columns = ds.column_names  # None for some streaming sources (features unknown until read)
@@ -204,7 +206,9 @@ def _pack_batch(batch: dict, indices: list[int], *, source: Dataset, offsets: np
     return {"input_ids": [tokens[start + r * n_ctx : start + (r + 1) * n_ctx] for r in range(last - first)]}
 
 
-def _stream_rows(source: IterableDataset, tokenizer, eos: int, text_column: str, n_ctx: int, batch_size: int) -> Iterator[dict]:
+def _stream_rows(
+    source: IterableDataset, tokenizer, eos: int, text_column: str, n_ctx: int, batch_size: int
+) -> Iterator[dict]:
     # Same stream as the map path: documents + EOS, cut every n_ctx tokens, remainder carried.
     buf: list[int] = []
     for batch in source.iter(batch_size=batch_size):
@@ -246,7 +250,10 @@ def pack_dataset(
         raise ValueError("the tokenizer has no eos_token: packing needs it to separate documents")
     if n_ctx < 1:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
-    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"), length=n_ctx)})
+    # Fixed-length int32 rows: half the disk of int64, and readers can rely on the shape.
+    # (`datasets.List` is datasets>=4; `Sequence` is its 3.x name.)
+    seq = getattr(datasets, "List", datasets.Sequence)
+    features = datasets.Features({"input_ids": seq(datasets.Value("int32"), length=n_ctx)})
 
     if isinstance(dataset, IterableDataset):
         return IterableDataset.from_generator(
@@ -260,11 +267,15 @@ def pack_dataset(
 
     if text_column not in dataset.column_names:
         raise ValueError(f"text column {text_column!r} not in {dataset.column_names}")
+    if len(dataset) == 0:  # `map` returns an empty input unchanged, with its old columns
+        return Dataset.from_dict({"input_ids": []}, features=features)
     if cache_dir is None and not dataset.cache_files:
         cache_dir = default_cache_dir() / "packed"  # in-memory data: datasets would not cache
     cache = Path(cache_dir).expanduser() if cache_dir is not None else None
     # Explicit fingerprints: the tokenizer object does not hash stably, its definition does.
-    tok_fp = _hash("tokenize", PACKING_VERSION, dataset._fingerprint, tokenizer_fingerprint(tokenizer), eos, text_column)
+    tok_fp = _hash(
+        "tokenize", PACKING_VERSION, dataset._fingerprint, tokenizer_fingerprint(tokenizer), eos, text_column
+    )
     tokenized = dataset.map(
         _tokenize_batch,
         fn_kwargs=dict(tokenizer=tokenizer, eos=eos, text_column=text_column),
@@ -306,6 +317,12 @@ def load_packed_dataset(
     cache_dir: str | Path | None = None,
     **load_kwargs: Any,
 ) -> Dataset | IterableDataset:
-    """``load_text_dataset`` then ``pack_dataset``: what a training loop needs in one call."""
-    ds = load_text_dataset(source, split, streaming=streaming, text_column=text_column, cache_dir=cache_dir, **load_kwargs)
+    """``load_text_dataset`` then ``pack_dataset``: what a training loop needs in one call.
+
+    ``cache_dir`` is where the built-in corpus goes; packed rows are cached next to the loaded
+    dataset's own Arrow cache files (``datasets``' cache).
+    """
+    ds = load_text_dataset(
+        source, split, streaming=streaming, text_column=text_column, cache_dir=cache_dir, **load_kwargs
+    )
     return pack_dataset(ds, tokenizer, n_ctx, text_column=text_column, num_proc=num_proc)

@@ -1,0 +1,57 @@
+"""Session-wide test settings and tiny models, built locally (no network)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+WORDS = (
+    "once upon a time there was little girl boy named lily tom she he was happy sad not smiled cried "
+    "ball book cake kicked read ate the in park house . , and played with her his friend went to"
+).split()
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A word-level Hugging Face tokenizer over a few story words, built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="[UNK]",
+    )
+
+
+def tiny_config(**overrides) -> HookedBilinearConfig:
+    base = dict(d_model=32, d_head=8, n_layers=2, n_ctx=24, d_vocab=48, d_mlp=64, seed=0, initializer_range=0.2)
+    base.update(overrides)
+    return HookedBilinearConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> HookedBilinearTransformer:
+    """A 2-layer bilinear model with grouped-query attention and rotary positions."""
+    return HookedBilinearTransformer(tiny_config(n_key_value_heads=2)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_tokenizer(word_tokenizer) -> HookedBilinearTransformer:
+    cfg = tiny_config(d_vocab=len(word_tokenizer), seed=1)
+    return HookedBilinearTransformer(cfg, tokenizer=word_tokenizer).eval()

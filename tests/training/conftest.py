@@ -1,0 +1,45 @@
+"""Shared fixtures for the training tests: hermetic caches, a small corpus and a tokenizer."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_caches(tmp_path_factory):
+    """Keep datasets' and this library's caches out of the user's home directory."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("caches")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf_datasets")
+    mp.setenv("HOOKED_BILINEAR_CACHE", str(root / "hooked_bilinear"))
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def story_texts():
+    from training.stories import generate_stories
+
+    return generate_stories(300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(story_texts, tmp_path_factory):
+    from training.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(story_texts, vocab_size=1024, save_dir=path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from training.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
