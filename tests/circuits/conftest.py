@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+
+def make_layer(d_model=12, d_mlp=20, bias=False, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    W = dict(W_gate=r(d_model, d_mlp) / d_model ** 0.5, W_in=r(d_model, d_mlp) / d_model ** 0.5,
+             W_out=r(d_mlp, d_model) / d_mlp ** 0.5)
+    if bias:
+        W.update(b_gate=r(d_mlp) * 0.3, b_in=r(d_mlp) * 0.3, b_out=r(d_model) * 0.3)
+    return W
+
+
+@pytest.fixture
+def layer():
+    return make_layer()
+
+
+@pytest.fixture
+def biased_layer():
+    return make_layer(bias=True)
