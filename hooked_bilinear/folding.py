@@ -88,3 +88,23 @@ def fold_layer_norm(model: Any, fold_attn_out_scale: bool = True) -> None:
             unembed.W_U.mul_(w[:, None])
         _reset_norm(model.ln_final)
     model.setup()
+
+
+@torch.no_grad()
+def fold_zero_beta_gate(model: Any) -> None:
+    """In place: a model whose gate is `x * sigmoid(0 * x) = x / 2` becomes exactly bilinear.
+
+    The factor 1/2 goes into `W_gate` (and `b_gate`), `act_fn` becomes "linear" and `gate_beta`
+    None, so the logits are unchanged and the MLPs are plain quadratic forms again. This is the
+    last step of SwiGLU -> bilinear finetuning."""
+    cfg = model.cfg
+    if cfg.gate_beta is None or cfg.gate_beta != 0.0:
+        raise ValueError(
+            f"only a gate annealed to beta = 0 folds into a bilinear MLP; this model has gate_beta={cfg.gate_beta}"
+        )
+    for block in model.blocks:
+        block.mlp.W_gate.mul_(0.5)
+        if block.mlp.b_gate is not None:
+            block.mlp.b_gate.mul_(0.5)
+    cfg.gate_beta = None
+    cfg.act_fn = "linear"

@@ -269,6 +269,13 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
         fold_layer_norm(self, fold_attn_out_scale=fold_attn_out_scale)
         return self
 
+    def fold_zero_beta_gate(self) -> "HookedBilinearTransformer":
+        """Turn a gate annealed to beta = 0 (x / 2) into an exactly bilinear MLP; logits unchanged."""
+        from .folding import fold_zero_beta_gate
+
+        fold_zero_beta_gate(self)
+        return self
+
     def set_gate_beta(self, beta: Optional[float]) -> None:
         """Change the gate `x * sigmoid(beta x)` in every MLP (None: back to `cfg.act_fn`)."""
         if beta is not None and self.cfg.act_fn != "silu":

@@ -92,3 +92,15 @@ def test_fold_layer_norm_keeps_logits(overrides):
         x = x - x.mean(-1, keepdim=True)
     pre = (x / cache["blocks.1.ln2.hook_scale"]) @ model.W_gate[1] + model.b_gate[1]
     torch.testing.assert_close(cache["blocks.1.mlp.hook_pre"], pre, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_beta_gate_folds_into_an_exactly_bilinear_model():
+    model = HookedBilinearTransformer(tiny_config(seed=8, act_fn="silu", gate_beta=1.0, mlp_bias=True))
+    tokens = torch.randint(0, 48, (2, 7))
+    with pytest.raises(ValueError, match="beta = 0"):
+        model.fold_zero_beta_gate()
+    model.set_gate_beta(0.0)
+    before = model(tokens)
+    model.fold_zero_beta_gate()
+    assert model.cfg.act_fn == "linear" and model.cfg.gate_beta is None
+    torch.testing.assert_close(model(tokens), before, atol=1e-6, rtol=1e-5)
