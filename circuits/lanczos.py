@@ -33,6 +33,7 @@ def batched_lanczos(
     *,
     max_steps: Optional[int] = None,
     tol: float = 1e-4,
+    stall_tol: Optional[float] = None,
     check_every: int = 8,
     min_steps: Optional[int] = None,
     return_vectors: bool = False,
@@ -45,7 +46,10 @@ def batched_lanczos(
     Stops when every top-k Ritz value of every operator has residual bound
     ``beta_m |s_m,i| <= tol * |theta_i|`` (a rigorous bound on its distance to an
     eigenvalue; the actual error is usually far smaller, ~ residual^2 / gap), or at
-    ``max_steps`` (default min(d, max(4k, 64)... capped at d)).
+    ``max_steps`` (default max(4k, 96), capped at d). If ``stall_tol`` is given, also stop
+    when no top-k Ritz value moved by more than ``stall_tol`` (relative) over the last
+    ``check_every`` steps -- a heuristic (extremal Ritz values converge monotonically and
+    about geometrically), far less pessimistic than the residual bound.
     Returns (values [n, k] sorted by |lambda| descending, vectors [n, d, k] or None,
     residual bounds [n, k]).
     """
@@ -63,7 +67,7 @@ def batched_lanczos(
     scale = torch.zeros(n, dtype=torch.float64)  # running estimate of ||Q||, for breakdown tests
 
     m = 0
-    theta = S = None
+    theta = S = prev = None
     for j in range(max_steps):
         vj = V[:, j]
         w = matvec(vj)
@@ -101,8 +105,14 @@ def batched_lanczos(
                 break
             idx = theta.abs().argsort(dim=-1, descending=True)[:, :k]
             res = beta[:, j, None] * S[:, -1, :].gather(1, idx).abs()
-            if bool((res <= tol * theta.gather(1, idx).abs()).all()):
+            top = theta.gather(1, idx)
+            if bool((res <= tol * top.abs()).all()):
                 break
+            mag = top.abs().sort(dim=-1).values
+            if stall_tol is not None and prev is not None and bool(
+                    ((mag - prev).abs() <= stall_tol * mag).all()):
+                break
+            prev = mag
 
     idx = theta.abs().argsort(dim=-1, descending=True)[:, :k]
     values = theta.gather(1, idx)

@@ -20,3 +20,13 @@ def layer():
 @pytest.fixture
 def biased_layer():
     return make_layer(bias=True)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tests use tiny matrices: thread start-up and contention cost far more than the
+    # math (30x slower with 2 threads on a busy 2-core machine). Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
