@@ -160,8 +160,9 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
     ) -> Tensor:
         """Next-token cross-entropy. logits [batch, pos, d_vocab], tokens [batch, pos] -> scalar or
         [batch, pos - 1]; targets at padding positions are left out of the mean."""
-        log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device)).squeeze(-1)
+        # cross_entropy fuses log-softmax and the gather, which matters for backward at large vocabularies.
+        targets = tokens[:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         if per_token:
             return nll
         if attention_mask is None:

@@ -97,9 +97,15 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x: [batch, pos, d_model]; positions: [batch, pos]; key_mask: [batch, key_pos] bool
         (False at padding, covering cached and new positions) -> [batch, pos, d_model]."""
-        q = torch.einsum("bpd,hdk->bphk", x, self.W_Q)
-        k = torch.einsum("bpd,hdk->bphk", x, self._W_K)
-        v = torch.einsum("bpd,hdk->bphk", x, self._W_V)
+        # One matmul for queries, keys and values: the per-head weight layout [head, d_model, d_head]
+        # is TransformerLens's, but a single [d_model, (heads) d_head] GEMM is what is fast.
+        W_qkv = torch.cat([einops.rearrange(W, "h d k -> d (h k)") for W in (self.W_Q, self._W_K, self._W_V)], dim=1)
+        qkv = x @ W_qkv
+        n_q, n_kv = self.cfg.n_heads * self.cfg.d_head, self.cfg.n_key_value_heads * self.cfg.d_head
+        q, k, v = qkv.split([n_q, n_kv, n_kv], dim=-1)
+        q = q.unflatten(-1, (self.cfg.n_heads, self.cfg.d_head))
+        k = k.unflatten(-1, (self.cfg.n_key_value_heads, self.cfg.d_head))
+        v = v.unflatten(-1, (self.cfg.n_key_value_heads, self.cfg.d_head))
         if self.b_Q is not None:
             q, k, v = q + self.b_Q, k + self._b_K, v + self._b_V
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)

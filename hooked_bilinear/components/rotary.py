@@ -23,8 +23,13 @@ class Rotary(nn.Module):
         """x: [batch, pos, head, d_head], positions: [batch, pos] -> same shape as x."""
         cos = self.cos[positions].unsqueeze(-2).to(x.dtype)  # [batch, pos, 1, rotary_dim]
         sin = self.sin[positions].unsqueeze(-2).to(x.dtype)
+        if self.rotary_dim == x.shape[-1]:
+            return x * cos + _rotate_half(x) * sin
         x_rot, x_pass = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        half = self.rotary_dim // 2
-        rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-        x_rot = x_rot * cos + rotated_half * sin
-        return torch.cat([x_rot, x_pass], dim=-1) if x_pass.shape[-1] else x_rot
+        return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
