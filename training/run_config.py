@@ -144,6 +144,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         return value
     if ann is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if ann is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise RunConfigError(f"{key} must be a number, got {value!r}") from None
     expected = origin or ann
     if expected is bool and not isinstance(value, bool):
         raise RunConfigError(f"{key} must be true or false, got {value!r}")

@@ -12,6 +12,12 @@ def make_layer(d_model=12, d_mlp=20, bias=False, dtype=torch.float64, seed=0):
     return W
 
 
+@pytest.fixture(name="make_layer")
+def make_layer_fixture():
+    """The factory itself, as a fixture (importing conftest depends on pytest's import mode)."""
+    return make_layer
+
+
 @pytest.fixture
 def layer():
     return make_layer()

@@ -8,7 +8,7 @@ from .conftest import make_layer
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_eigen_readout_exact(bias, dtype, tol):
+def test_eigen_readout_exact(bias, dtype, tol, make_layer):
     W = make_layer(bias=bias, dtype=dtype, seed=6)
     g = torch.Generator().manual_seed(7)
     u = torch.randn(12, generator=g, dtype=dtype)
@@ -23,7 +23,7 @@ def test_eigen_readout_exact(bias, dtype, tol):
     torch.testing.assert_close(truncated_readout(eig, X), truncated_readout(eig, X, k=eig.k))
 
 
-def test_lanczos_topk_matches_dense():
+def test_lanczos_topk_matches_dense(make_layer):
     W = make_layer(d_model=40, d_mlp=90, seed=8)
     U = torch.randn(3, 40, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     dense = eigendecompose_from_weights(u=U, k=6, method="dense", **W)
@@ -35,7 +35,7 @@ def test_lanczos_topk_matches_dense():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_topk_many_matches_dense(bias):
+def test_topk_many_matches_dense(bias, make_layer):
     W = make_layer(d_model=48, d_mlp=100, bias=bias, dtype=torch.float32, seed=10)
     U = torch.randn(10, 48, generator=torch.Generator().manual_seed(11))
     vals = topk_eigenvalues_many(U=U, k=8, chunk=4, **W)

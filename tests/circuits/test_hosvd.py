@@ -13,7 +13,7 @@ def _explicit(W, U):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_gram_route_equals_explicit(bias):
+def test_gram_route_equals_explicit(bias, make_layer):
     W = make_layer(d_model=7, d_mlp=11, bias=bias, seed=12)
     eye = torch.eye(7, dtype=torch.float64)
     F, (L, S, _) = _explicit(W, eye)
@@ -29,7 +29,7 @@ def test_gram_route_equals_explicit(bias):
 
 
 @pytest.mark.parametrize("n", [4, 20])
-def test_gram_route_with_directions(n):
+def test_gram_route_with_directions(n, make_layer):
     W = make_layer(d_model=7, d_mlp=11, seed=13)
     U = torch.randn(n, 7, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
     _, (L, S, Vh) = _explicit(W, U)
@@ -42,7 +42,7 @@ def test_gram_route_with_directions(n):
     torch.testing.assert_close(R0.abs(), Vh[0].abs())
 
 
-def test_interaction_gram_definition():
+def test_interaction_gram_definition(make_layer):
     W = make_layer(d_model=5, d_mlp=6, seed=15)
     A, B = W["W_gate"], W["W_in"]
     G = interaction_gram(A, B)

@@ -13,7 +13,7 @@ def _readout(W, u, X):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_quadratic_form_matches_forward(bias, dtype, tol):
+def test_quadratic_form_matches_forward(bias, dtype, tol, make_layer):
     W = make_layer(d_model=10, d_mlp=24, bias=bias, dtype=dtype, seed=1)
     g = torch.Generator().manual_seed(2)
     u = torch.randn(10, generator=g, dtype=dtype)
@@ -37,7 +37,7 @@ def test_symmetric_and_batched_equals_loop(biased_layer):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_matvec_matches_dense(bias):
+def test_matvec_matches_dense(bias, make_layer):
     W = make_layer(bias=bias, seed=4)
     g = torch.Generator().manual_seed(5)
     d = 13 if bias else 12

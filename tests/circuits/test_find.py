@@ -1,0 +1,114 @@
+"""find_circuit on a tiny random model: a consistent graph, JSON round trip, table, drawing, clear errors."""
+
+import pytest
+import torch
+
+from circuits.find import find_circuit, target_direction
+from circuits.graph import CircuitGraph
+from circuits.directions import head_directions, unembed_direction
+
+from ..conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def graph():
+    from hooked_bilinear import HookedBilinearTransformer
+
+    model = HookedBilinearTransformer(tiny_config(n_key_value_heads=2, seed=3)).eval()
+    return model, find_circuit(model, 5, k_features=3, k_heads=2, max_nodes=20)
+
+
+def test_graph_is_consistent(graph):
+    model, g = graph
+    g.validate()
+    assert g.nodes[0].kind == "target" and g.nodes[0].layer == model.cfg.n_layers
+    assert 1 < len(g.nodes) <= 20 and len(g.edges) == len(g.nodes) - 1
+    ids = {n.id for n in g.nodes}
+    kinds = {n.kind for n in g.nodes}
+    assert "mlp_feature" in kinds and "head_ov" in kinds
+    for e in g.edges:
+        src, dst = g.node(e.source), g.node(e.target)
+        assert e.weight > 0 and 0 < e.share <= 1 and {e.source, e.target} <= ids
+        assert src.importance == pytest.approx(dst.importance * e.share, rel=1e-6)
+        assert src.importance >= g.meta["threshold"]
+        # writers sit before their readers in the residual stream
+        if src.kind == "mlp_feature":
+            assert src.layer < dst.layer
+            assert src.eigenvalue is not None and src.score == pytest.approx(abs(src.eigenvalue) * model.cfg.d_model, rel=1e-5)
+            assert src.ov_head and len(src.tokens_positive) == 8
+        if src.kind == "head_ov":
+            assert src.layer <= dst.layer if dst.kind == "mlp_feature" else src.layer < dst.layer
+    # walk order is best-first: importance never increases along the node list
+    imps = [n.importance for n in g.nodes]
+    assert imps == sorted(imps, reverse=True)
+    # the target's own unembedding readout puts its token near the top
+    assert "5" in [t for t, _ in g.nodes[0].tokens_positive[:3]]
+
+
+def test_top_feature_matches_the_eigendecomposition(graph):
+    from circuits.layer import eigendecompose
+
+    model, g = graph
+    u = unembed_direction(model, 5)
+    best = max(abs(float(eigendecompose(model, l, u / u.norm(), k=1).values[0])) for l in range(model.cfg.n_layers))
+    top_feature = g.by_kind("mlp_feature")[0]
+    assert abs(top_feature.eigenvalue) == pytest.approx(best, rel=1e-5)
+
+
+def test_json_round_trip_table_and_drawing(graph, tmp_path):
+    _, g = graph
+    again = CircuitGraph.from_json(g.to_json(tmp_path / "c.json"))
+    assert again == g
+    assert CircuitGraph.from_json(tmp_path / "c.json") == g
+    table = g.to_table()
+    assert table.count("\n") == len(g.nodes) + 1 and "| target |" in table
+    assert "target" in str(g)
+    png = g.draw(tmp_path / "c.png")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    html = g.draw(tmp_path / "c.html").read_text()
+    assert "data:image/png;base64" in html
+
+
+def test_other_targets(graph):
+    model, _ = graph
+    g = find_circuit(model, (5, [6, 7]), layers=[0], max_nodes=10)
+    assert all(n.layer in (0, None, model.cfg.n_layers) for n in g.nodes)
+    head = find_circuit(model, (1, 2, "k"), max_nodes=10)
+    assert head.nodes[0].layer == 1 and all(n.layer in (0, None) for n in head.nodes[1:])
+    u, at, _ = target_direction(model, (1, 2, "k"))
+    assert at == 1 and abs(float(u.norm()) - float(torch.linalg.matrix_norm(head_directions(model, 1, 2, "k"), 2))) < 1e-4
+    assert target_direction(model, (1, 2, "q", 3))[0].equal(head_directions(model, 1, 2, "q")[3])
+    vec = find_circuit(model, torch.randn(32), read_at=1, max_nodes=10)
+    assert all(n.kind != "mlp_feature" or n.layer == 0 for n in vec.nodes)
+    only_direct = find_circuit(model, (0, 1, "v"))  # layer 0 heads read the embeddings only
+    assert [n.kind for n in only_direct.nodes] == ["target", "embed"]
+
+
+@pytest.mark.parametrize("target, kwargs, message", [
+    (10_000, {}, "outside the vocabulary"),
+    (torch.randn(31), {}, "shape"),
+    (torch.zeros(32), {}, "non-zero"),
+    (torch.randn(32), {"read_at": 5}, "read_at"),
+    (5, {"layers": [2]}, "out of range"),
+    ((2, 0, "q"), {}, "out of range"),
+    ((0, 9, "q"), {}, "head 9"),
+    ((0, 0, "x"), {}, "kind"),
+    ((0, 0, "q", 99), {}, "index"),
+    (3.5, {}, "cannot use"),
+    ("happy", {}, "tokenizer"),
+    (5, {"k_features": 0}, "k_features"),
+    (5, {"threshold": 1.5}, "threshold"),
+])
+def test_bad_targets_raise_clear_errors(graph, target, kwargs, message):
+    model, _ = graph
+    with pytest.raises(ValueError, match=message):
+        find_circuit(model, target, **kwargs)
+
+
+def test_unknown_token_with_tokenizer(tiny_model_with_tokenizer):
+    with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
+        find_circuit(tiny_model_with_tokenizer, "zebra")
+    with pytest.raises(ValueError, match="not one"):
+        find_circuit(tiny_model_with_tokenizer, "happy sad")
+    g = find_circuit(tiny_model_with_tokenizer, (" happy", "sad"), max_nodes=6)
+    assert g.target == "logit 'happy' - 'sad'"

@@ -1,0 +1,196 @@
+"""``hooked-bilinear train``: pretrain a bilinear language model from a YAML run config.
+
+    hooked-bilinear train --config configs/tinystories-tiny.yaml [section.key=value ...] [--resume] [--out DIR]
+    accelerate launch --num_processes N -m training.cli train --config ...      (data-parallel)
+
+Steps: validate the config (all errors before any work) -> built-in corpus if no dataset is named ->
+tokenizer (trained on the training text and saved in RUN/tokenizer if none is named) -> packed
+train/validation rows -> model -> ``training.loop.Trainer`` -> RUN/final (``save_pretrained``, with
+the tokenizer), RUN/samples.txt, RUN/summary.json. RUN/metrics.jsonl has the per-step metrics.
+The unigram entropy of the validation tokens is logged as the baseline a model must beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from training.run_config import RunConfig, RunConfigError, load_run_config
+
+RUN_CONFIG_NAME = "run_config.yaml"
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hooked-bilinear train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="run config YAML (default: RUN/run_config.yaml when resuming)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.n_layers=4 train.lr=3e-4")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--out", help="run directory (overrides run.out_dir)")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, num_processes: int) -> tuple[RunConfig, Path]:
+    """The validated run config and the run directory; raises RunConfigError."""
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"run.out_dir={args.out}")
+    config = args.config
+    if config is None and args.resume and args.out and (Path(args.out) / RUN_CONFIG_NAME).is_file():
+        config = Path(args.out) / RUN_CONFIG_NAME  # resume with the run's own config
+    if config is None:
+        raise RunConfigError("--config is required (or --resume --out RUN for a run that saved its config)")
+    run = load_run_config(config, overrides, num_processes=num_processes)
+    return run, Path(run.run.out_dir)
+
+
+# --- data and tokenizer -------------------------------------------------------------------------
+
+
+def text_source(run: RunConfig) -> Any:
+    """The dataset source: the built-in corpus directory when none is named."""
+    if run.data.dataset is not None:
+        return run.data.dataset
+    from training.data import builtin_corpus
+
+    d = run.data
+    return str(builtin_corpus(n_train=d.n_train_stories, n_valid=d.n_valid_stories, seed=d.corpus_seed))
+
+
+def _load_kwargs(run: RunConfig) -> dict:
+    return {"name": run.data.dataset_config} if run.data.dataset_config else {}
+
+
+def get_tokenizer(run: RunConfig, source: Any, run_dir: Path, accelerator: Any) -> Any:
+    """The named tokenizer, or one trained on the training text and saved in RUN/tokenizer."""
+    from training.tokenizer import load_tokenizer, train_tokenizer
+
+    if run.data.tokenizer is not None:
+        return load_tokenizer(run.data.tokenizer)
+    tok_dir = run_dir / "tokenizer"
+    if accelerator.is_main_process and not (tok_dir / "tokenizer.json").exists():
+        from itertools import islice
+
+        from training.data import load_text_dataset
+
+        d = run.data
+        texts = load_text_dataset(source, d.train_split, streaming=True, text_column=d.text_column, **_load_kwargs(run))
+        docs = (row[d.text_column] for row in islice(iter(texts), d.tokenizer_train_docs))
+        train_tokenizer(docs, vocab_size=d.vocab_size, lowercase=d.lowercase, save_dir=tok_dir)
+    accelerator.wait_for_everyone()
+    return load_tokenizer(tok_dir.resolve())
+
+
+def get_datasets(run: RunConfig, source: Any, tokenizer: Any, accelerator: Any) -> tuple[Any, Any]:
+    """Packed training and validation rows (the main process packs first; others hit its cache)."""
+    from training.data import load_packed_dataset
+
+    d, n_ctx = run.data, run.model.get("n_ctx")
+    common = dict(text_column=d.text_column, num_proc=d.num_proc, **_load_kwargs(run))
+    with accelerator.main_process_first():
+        train = load_packed_dataset(source, tokenizer, n_ctx, d.train_split, streaming=d.streaming, **common)
+        valid = load_packed_dataset(source, tokenizer, n_ctx, d.eval_split, streaming=d.streaming, **common)
+    return train, valid
+
+
+def unigram_entropy(rows: list[list[int]]) -> float:
+    """Entropy (nats) of the predicted tokens' own frequencies: the loss of the best unigram model."""
+    counts = Counter(t for row in rows for t in row[1:])
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values()) if total else float("nan")
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def build_model(run: RunConfig, tokenizer: Any) -> Any:
+    from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer
+
+    model_cfg = dict(run.model)
+    model_cfg.setdefault("seed", run.train.seed)  # identical initial weights on every process
+    cfg = HookedBilinearConfig(**model_cfg, d_vocab=len(tokenizer))
+    return HookedBilinearTransformer(cfg, tokenizer=tokenizer)
+
+
+def write_samples(model: Any, run: RunConfig, path: Path) -> list[str]:
+    """Sampled continuations of the configured prompts, printed and written to ``path``."""
+    prompts = list(run.run.sample_prompts)[: run.run.n_samples]
+    model.eval()
+    samples = [
+        model.generate(p, max_new_tokens=run.run.sample_tokens, do_sample=True, temperature=0.7,
+                       seed=run.train.seed + i, prepend_bos=True)
+        for i, p in enumerate(prompts)
+    ]
+    path.write_text("\n\n".join(f"[{i}] {s}" for i, s in enumerate(samples)) + "\n")
+    return samples
+
+
+def run_training(run: RunConfig, run_dir: Path, resume: bool = False, callbacks: list = ()) -> dict:
+    """Everything after config validation; returns the summary (also in RUN/summary.json)."""
+    from accelerate.utils import set_seed
+
+    from training.loop import Trainer, make_accelerator
+
+    start = time.perf_counter()
+    accelerator = make_accelerator(run.train)
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    set_seed(run.train.seed, device_specific=True)  # per-process noise; init uses the model seed
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_CONFIG_NAME).write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+    source = text_source(run) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    source = source if source is not None else text_source(run)  # the corpus exists now
+    tokenizer = get_tokenizer(run, source, run_dir, accelerator)
+    train_rows, valid_rows = get_datasets(run, source, tokenizer, accelerator)
+    model = build_model(run, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
+        f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}")
+
+    trainer = Trainer(model, run.train, train_rows, valid_rows, run_dir=run_dir, accelerator=accelerator,
+                      callbacks=callbacks, eval_rows=run.data.eval_sequences)
+    eval_rows = trainer.eval_tokens.tolist() if trainer.eval_tokens is not None else []
+    baseline = unigram_entropy(eval_rows)
+    log(f"validation unigram entropy (baseline loss): {baseline:.4f} nats; "
+        f"{trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens")
+    state = trainer.train(resume=resume)
+    final_loss = trainer.evaluate()
+
+    summary = {"final_eval_loss": final_loss, "unigram_entropy": baseline, "steps": state.step,
+               "tokens_seen": state.tokens_seen, "n_params": n_params, "wall_s": time.perf_counter() - start}
+    if accelerator.is_main_process:
+        raw = trainer.raw_model
+        raw.save_pretrained(str(run_dir / "final"))
+        for i, sample in enumerate(write_samples(raw, run, run_dir / "samples.txt")):
+            log(f"sample {i}: {sample}")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log(f"final validation loss {final_loss:.4f} vs unigram baseline {baseline:.4f}; "
+            f"model in {run_dir / 'final'}; {summary['wall_s']:.0f} s")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from training.loop import distributed_state
+
+    try:
+        run, run_dir = resolve_config(args, distributed_state().num_processes)
+    except RunConfigError as err:
+        print(f"hooked-bilinear train: config error: {err}", file=sys.stderr)
+        return 2
+    run_training(run, run_dir, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
