@@ -29,8 +29,9 @@ def normalized_embeddings(model: Any) -> Tensor:
 
 @torch.no_grad()
 def direct_token_scores(model: Any, v: Tensor) -> Tensor:
-    """v: [d_model] or [k, d_model] -> scores [d_vocab] or [k, d_vocab] = W_E v."""
-    return v.to(model.W_E.dtype) @ model.W_E.detach().T
+    """v: [d_model] or [k, d_model] -> scores [d_vocab] or [k, d_vocab]: each token's normalized
+    embedding (what the norm before the reader makes of it) dotted with v."""
+    return v.to(model.W_E.dtype) @ normalized_embeddings(model).T
 
 
 @torch.no_grad()

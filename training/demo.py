@@ -1,41 +1,61 @@
-"""The README's main job: build a small bilinear model, cache a run, decompose the residual stream."""
+"""The README's main job, end to end and offline:
+
+1. generate the built-in story corpus and train the tiny bilinear model on it (configs/tinystories-tiny.yaml);
+2. load the saved model and decompose its residual stream on a story prompt (run_with_cache);
+3. write a weight-only circuit report for a planted rule (an object determines its verb);
+4. print where everything went.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tinystories-tiny.yaml"
+
+
+def decompose(model_dir: Path, prompt: str) -> None:
+    from hooked_bilinear import HookedBilinearTransformer
+
+    model = HookedBilinearTransformer.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(prompt)
+    top = int(logits[0, -1].argmax())
+    print(f"\nprompt {prompt!r} -> next token {model.to_string([top])!r}")
+    parts, labels = cache.decompose_resid(return_labels=True, pos_slice=-1)
+    attrs = cache.logit_attrs(parts, tokens=torch.tensor([top]), pos_slice=-1)
+    print("direct logit attribution of each component at the last position:")
+    for label, value in zip(labels, attrs[:, 0].tolist()):
+        print(f"  {label:>12}: {value:+.3f}")
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, -1]
+    error = (parts.sum(0) - final).abs().max().item()
+    print(f"components sum to the final residual: max |error| = {error:.1e}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hooked-bilinear demo")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="hooked-bilinear demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="where the run, the model and the report go")
+    parser.add_argument("--steps", type=int, default=None, help="override the tiny config's training steps")
+    parser.add_argument("--target", default=" kicked", help="token whose circuit the report explains")
     args = parser.parse_args(argv)
 
-    cfg = HookedBilinearConfig(d_model=128, d_head=32, n_layers=2, n_ctx=64, d_vocab=512, seed=args.seed)
-    model = HookedBilinearTransformer(cfg)
-    tokens = torch.randint(0, cfg.d_vocab, (1, 16), generator=torch.Generator().manual_seed(args.seed))
-    logits, cache = model.run_with_cache(tokens)
-    print(f"model: {cfg.n_layers} layers, d_model {cfg.d_model}, bilinear MLPs (d_mlp {cfg.d_mlp}); "
-          f"{len(cache)} activations cached")
+    from circuits.report import main as circuits_report
+    from training.train import main as train
 
-    parts, labels = cache.decompose_resid(return_labels=True)
-    final = cache["blocks.1.hook_resid_post"]
-    print("\nresidual stream at the last position, by component (norm, share of final norm):")
-    for label, part in zip(labels, parts):
-        norm = part[0, -1].norm().item()
-        print(f"  {label:>12}: {norm:8.4f}  ({norm / final[0, -1].norm().item():.2f})")
-    error = (parts.sum(0) - final).abs().max().item()
-    print(f"\nsum of components - final residual: max |error| = {error:.2e}")
-
-    target = int(logits[0, -1].argmax())
-    attrs = cache.logit_attrs(parts[:, :, -1], tokens=torch.tensor([target]), pos_slice=-1)
-    print(f"direct logit attribution to the top prediction (token {target}):")
-    for label, value in zip(labels, attrs[:, 0].tolist()):
-        print(f"  {label:>12}: {value:+.4f}")
-    return 0
+    out = Path(args.out)
+    overrides = [f"run.out_dir={out / 'run'}"] + ([f"train.max_steps={args.steps}"] if args.steps else [])
+    status = train(["--config", str(CONFIG), *overrides])
+    if status:
+        return status
+    model_dir = out / "run" / "final"
+    decompose(model_dir, "Tom found a red ball. He")
+    status = circuits_report([str(model_dir), "--target", args.target, "--out", str(out / "circuits")])
+    print(f"\ndone: trained model in {model_dir}, samples in {out / 'run' / 'samples.txt'}, "
+          f"circuit report in {out / 'circuits' / 'report.md'}")
+    return status
 
 
 if __name__ == "__main__":

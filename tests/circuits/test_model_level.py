@@ -5,7 +5,7 @@ import torch
 
 from circuits.directions import head_directions, logit_diff_direction, mlp_feature_directions, unembed_direction, user_direction
 from circuits.layer import check_exactness, eigendecompose, interaction_matrix, mlp_weights
-from circuits.readout import direct_token_scores, direct_token_table, ov_token_scores, top_tokens
+from circuits.readout import normalized_embeddings, direct_token_scores, direct_token_table, ov_token_scores, top_tokens
 from circuits.truncated_model import truncation_sweep
 from hooked_bilinear import HookedBilinearTransformer
 
@@ -61,7 +61,7 @@ def test_token_readouts(model):
     vecs, _ = mlp_feature_directions(model, 1, unembed_direction(model, 5), k=3)
     scores = direct_token_scores(model, vecs)
     assert scores.shape == (3, 48)
-    torch.testing.assert_close(scores[0], model.W_E @ vecs[0])
+    torch.testing.assert_close(scores[0], normalized_embeddings(model) @ vecs[0])
     assert ov_token_scores(model, vecs[0], before_layer=1).shape == (1, 4, 48)
     top = top_tokens(model, scores[0], k=5)
     assert len(top.positive) == 5 and top.positive[0][1] == pytest.approx(float(scores[0].max()), rel=1e-5)
