@@ -1,22 +1,47 @@
-"""Weight-only circuit analysis of bilinear MLPs (pure functions over tensors).
+"""circuits: weight-only circuit finding for bilinear MLPs.
 
-u . mlp(x) = x^T Q(u) x with Q(u) = sym(W_gate diag(W_out u) W_in^T); see DESIGN.md section 5.
-Model-level wrappers (taking a model and a layer) build on these functions.
+An MLP `mlp(x) = ((x W_gate) * (x W_in)) W_out` read along an output direction u is the quadratic
+form `u . mlp(x) = x^T Q(u) x`, `Q(u) = sym(W_gate diag(W_out u) W_in^T)`; the eigenvectors of Q(u)
+are the input features that build that output (DESIGN.md section 5).
+
+Model level (take a HookedBilinearTransformer and a layer; norms folded in; nothing modified):
+    interaction_matrix, eigendecompose, hosvd, mlp_weights, check_exactness
+    directions: unembed_direction, logit_diff_direction, head_directions, mlp_feature_directions, user_direction
+    readouts:   direct_token_scores, ov_token_scores, top_tokens, direct_token_table
+    truncation: truncated_mlps, truncation_sweep
+    circuits:   find_circuit -> CircuitGraph (table, JSON, PNG/HTML)
+Tensor level (pure functions of the weight matrices):
+    interaction_matrix_from_weights, interaction_matvec, eigendecompose_from_weights,
+    topk_eigenvalues_many, hosvd_from_weights, check_quadratic_form, effective_rank, ...
 """
+
+from .directions import head_directions, logit_diff_direction, mlp_feature_directions, unembed_direction, user_direction
 from .eigen import Eigen, eigendecompose_from_weights, sort_by_magnitude
-from .hosvd import (HOSVD, hosvd_from_weights, interaction_gram, output_gram,
-                    singular_interaction_matrix)
+from .find import feature_tokens, find_circuit, target_direction
+from .graph import CircuitEdge, CircuitGraph, CircuitNode
+from .hosvd import HOSVD, hosvd_from_weights, interaction_gram, output_gram, singular_interaction_matrix
 from .interaction import (BilinearWeights, as_weights, augment_input, bilinear_mlp_forward,
                           interaction_matrix_from_weights, interaction_matvec)
 from .lanczos import batched_lanczos
+from .layer import (ExactnessReport, MLPWeights, check_exactness, eigendecompose, hosvd, interaction_matrix,
+                    mlp_input, mlp_weights)
 from .many import default_krylov_steps, topk_eigenvalues_many
+from .readout import TopTokens, direct_token_scores, direct_token_table, normalized_embeddings, ov_token_scores, top_tokens
+from .truncated_model import TruncationResult, truncated_mlps, truncation_sweep
 from .truncation import check_quadratic_form, effective_rank, truncated_readout
 
 __all__ = [
+    # model level
+    "interaction_matrix", "eigendecompose", "hosvd", "mlp_weights", "mlp_input", "check_exactness",
+    "MLPWeights", "ExactnessReport",
+    "unembed_direction", "logit_diff_direction", "head_directions", "mlp_feature_directions", "user_direction",
+    "direct_token_scores", "ov_token_scores", "normalized_embeddings", "top_tokens", "TopTokens", "direct_token_table",
+    "truncated_mlps", "truncation_sweep", "TruncationResult",
+    "find_circuit", "target_direction", "feature_tokens", "CircuitGraph", "CircuitNode", "CircuitEdge",
+    # tensor level
     "BilinearWeights", "Eigen", "HOSVD", "as_weights", "augment_input", "batched_lanczos",
     "bilinear_mlp_forward", "check_quadratic_form", "default_krylov_steps",
     "eigendecompose_from_weights", "effective_rank", "hosvd_from_weights", "interaction_gram",
     "interaction_matrix_from_weights", "interaction_matvec", "output_gram",
-    "singular_interaction_matrix", "sort_by_magnitude", "topk_eigenvalues_many",
-    "truncated_readout",
+    "singular_interaction_matrix", "sort_by_magnitude", "topk_eigenvalues_many", "truncated_readout",
 ]
