@@ -219,7 +219,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. beta.schedule=cosine train.lr=2e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--out", help="run directory (overrides run.out_dir)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def resolve_config(args: argparse.Namespace, num_processes: int) -> tuple[FinetuneConfig, Path]:
