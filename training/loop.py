@@ -214,8 +214,12 @@ class Trainer:
 
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        # The fused CUDA kernel avoids the foreach path's temporary copy of the optimizer state
+        # (4 GiB at 1.1B parameters), which is what makes 1 x 24 GB finetuning fit.
+        fused = acc.device.type == "cuda"
         optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+            fused=fused,
         )
         self.model, self.optimizer = acc.prepare(model, optimizer)
         # Not prepared: accelerate would step it once per process; we step it once per update.

@@ -35,7 +35,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.n_layers=4 train.lr=3e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--out", help="run directory (overrides run.out_dir)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after --out
 
 
 def resolve_config(args: argparse.Namespace, num_processes: int) -> tuple[RunConfig, Path]:
