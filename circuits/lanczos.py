@@ -184,3 +184,124 @@ def block_lanczos(
     idx = theta.abs().argsort(descending=True)[:k]
     vecs = (S[:, idx].to(dtype).T @ Vb).T          # [d, k]
     return theta[idx], vecs
+
+
+def _tridiag_eigvals(alpha: Tensor, beta: Tensor, m: int) -> Tensor:
+    """All eigenvalues of n tridiagonal m x m matrices (float64) -> [n, m].
+
+    LAPACK dsterf (values only, O(m^2)) row by row is ~2x faster than a batched dense eigvalsh.
+    """
+    try:
+        from scipy.linalg import lapack
+    except ImportError:  # pragma: no cover - scipy is a soft dependency here
+        return _ritz(alpha, beta, m)[0]
+    a = alpha[:, :m].numpy()
+    b = beta[:, : max(m - 1, 0)].numpy()
+    out = torch.empty(alpha.shape[0], m, dtype=torch.float64)
+    for i in range(alpha.shape[0]):
+        ev, info = lapack.dsterf(a[i].copy(), b[i].copy())
+        if info != 0:
+            return _ritz(alpha, beta, m)[0]
+        out[i] = torch.from_numpy(ev)
+    return out
+
+
+def _topk_mag(theta: Tensor, k: int) -> Tensor:
+    """theta [n, m] -> values [n, k] with the largest |theta|, sorted by |theta| descending."""
+    idx = theta.abs().argsort(dim=-1, descending=True)[:, :k]
+    return theta.gather(1, idx)
+
+
+def batched_lanczos_values(
+    matvec: Callable[[Tensor, Tensor], Tensor],
+    n: int,
+    d: int,
+    k: int,
+    *,
+    max_steps: int,
+    min_steps: Optional[int] = None,
+    rtol: float = 1e-3,
+    check_every: int = 8,
+    basis_dtype: torch.dtype = torch.float32,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Top-k eigenVALUES (by |lambda|) of n symmetric d x d operators, accuracy-driven depth.
+
+    matvec(X, rows): X [r, d] (``basis_dtype``) holds one vector for each operator listed in
+    the LongTensor ``rows`` (indices into 0..n-1); returns the products [r, d] (any float
+    dtype). Operators whose top-k Ritz values changed by less than ``rtol`` (relative, every
+    one of the k) over the last ``check_every`` steps are finished and DROPPED from the batch,
+    so the GEMMs only carry unconverged directions. Extremal Ritz values converge
+    monotonically from inside, roughly geometrically; measured on random bilinear layers
+    (d = 512, 2048, k = 16) ``rtol = 1e-3`` stops with top-16 errors ~1e-3 (max < 1e-2).
+
+    The Krylov basis is stored in ``basis_dtype`` (bfloat16 halves the memory traffic of the
+    full reorthogonalization, which is done with two batched GEMMs per step; the
+    recurrence coefficients stay float32/float64). Memory: n * (max_steps + 1) * d basis.
+    Returns (values [n, k] float64, steps used [n] int64).
+    """
+    k = min(k, d)
+    max_steps = max(1, min(max_steps, d))
+    min_steps = min(max_steps, max(k + 1, 2 * k if min_steps is None else min_steps))
+    bdt = basis_dtype
+    V = torch.zeros(n, max_steps + 1, d, dtype=bdt)
+    alpha = torch.zeros(n, max_steps, dtype=torch.float64)
+    beta = torch.zeros(n, max_steps, dtype=torch.float64)
+    v = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    V[:, 0] = (v / v.norm(dim=-1, keepdim=True)).to(bdt)
+    scale = torch.zeros(n, dtype=torch.float64)
+    rows = torch.arange(n)
+    values = torch.zeros(n, k, dtype=torch.float64)
+    used = torch.full((n,), max_steps, dtype=torch.int64)
+    prev: Optional[Tensor] = None
+    for j in range(max_steps):
+        vj = V[:, j]
+        vjf = vj.float()
+        w = matvec(vj, rows).float()
+        a = (w * vjf).sum(-1)
+        w.sub_(a[:, None] * vjf)
+        if j > 0:
+            w.sub_(beta[:, j - 1, None].float() * V[:, j - 1].float())
+        # One classical Gram-Schmidt pass against the whole basis, as two batched GEMMs.
+        Vj = V[:, : j + 1]
+        h = torch.bmm(Vj, w.to(bdt)[:, :, None])
+        w.sub_(torch.bmm(Vj.transpose(1, 2), h)[:, :, 0].float())
+        alpha[:, j] = a.double() + h[:, j, 0].double()
+        b = w.double().norm(dim=-1)
+        scale = torch.maximum(scale, alpha[:, j].abs() + b)
+        m = j + 1
+        dead = b <= 1e-6 * scale.clamp_min(1e-300)
+        if bool(dead.any()) and m < max_steps:
+            # Invariant Krylov space: restart with a random vector orthogonal to the basis.
+            r = torch.randn(int(dead.sum()), d, generator=generator, dtype=torch.float64).float()
+            Vd = V[dead, :m].float()
+            for _ in range(2):
+                r = r - torch.bmm(Vd.transpose(1, 2), torch.bmm(Vd, r[:, :, None]))[:, :, 0]
+            w[dead] = r
+            b = torch.where(dead, torch.zeros_like(b), b)
+        beta[:, j] = b
+        wn = w.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        V[:, j + 1] = (w / wn).to(bdt)
+        last = m == max_steps
+        if not (last or (m >= min_steps and (m - min_steps) % check_every == 0)):
+            continue
+        top = _topk_mag(_tridiag_eigvals(alpha, beta, m), k)
+        if last:
+            values[rows] = top
+            break
+        mag = top.abs()
+        if prev is None:
+            prev = mag
+            continue
+        conv = ((mag - prev).abs() <= rtol * mag).all(dim=-1)
+        prev = mag
+        if bool(conv.any()):
+            values[rows[conv]] = top[conv]
+            used[rows[conv]] = m
+            keep = ~conv
+            if not bool(keep.any()):
+                break
+            # Drop finished operators from the batch (copies the live part of the basis).
+            rows, alpha, beta, scale, prev = rows[keep], alpha[keep], beta[keep], scale[keep], prev[keep]
+            V = V[keep]
+    return values, used

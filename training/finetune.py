@@ -44,7 +44,7 @@ from training.run_config import (
     OutputConfig,
     RunConfigError,
     TrainConfig,
-    _apply,
+    read_config,
     _check_type,
     _unknown,
     validate_data,
@@ -133,15 +133,7 @@ def validate_finetune(ft: FinetuneConfig, num_processes: int = 1) -> None:
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] = (), num_processes: int = 1) -> FinetuneConfig:
     """Read the YAML at ``path`` (None: defaults), apply ``section.key=value`` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RunConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise RunConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-    ft = build_finetune_config(_apply(raw, list(overrides)))
+    ft = build_finetune_config(read_config(path, overrides))
     validate_finetune(ft, num_processes)
     return ft
 

@@ -204,8 +204,8 @@ def build_run_config(raw: dict) -> RunConfig:
     return RunConfig(model=model, **sections)
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = (), num_processes: int = 1) -> RunConfig:
-    """Read the YAML at ``path`` (None: defaults), apply overrides, validate everything."""
+def read_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The YAML mapping at ``path`` (None: empty) with ``section.key=value`` overrides applied."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -214,7 +214,12 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), num_proc
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise RunConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-    run = build_run_config(_apply(raw, list(overrides)))
+    return _apply(raw, list(overrides))
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = (), num_processes: int = 1) -> RunConfig:
+    """Read the YAML at ``path`` (None: defaults), apply overrides, validate everything."""
+    run = build_run_config(read_config(path, overrides))
     validate(run, num_processes)
     return run
 
