@@ -77,22 +77,30 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
     return tensors
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Raise CheckpointError listing every missing, unexpected and wrongly shaped tensor.
-
-    `source` names where the tensors came from (a file or a format) for the message."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in state_dict.items()}
+def _shape_problems(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], ignore: tuple[str, ...] = ()
+) -> list[str]:
+    """Every wrongly shaped, missing and unexpected tensor name, as message lines."""
     problems = []
+    wrong = [f"{n}: expected {list(s)}, found {list(found[n])}" for n, s in expected.items()
+             if n in found and tuple(found[n]) != tuple(s)]
     missing = [n for n in expected if n not in found]
-    unexpected = [n for n in found if n not in expected]
-    wrong = [f"{n}: expected {list(expected[n])}, found {list(found[n])}" for n in expected if n in found and found[n] != expected[n]]
+    unexpected = [n for n in found if n not in expected and not n.endswith(ignore or ("\0",))]
     if wrong:
         problems.append(f"tensors whose shapes do not match the config: {_listing(wrong)}")
     if missing:
         problems.append(f"missing tensors: {_listing(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors: {_listing(unexpected)}")
+    return problems
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Raise CheckpointError listing every missing, unexpected and wrongly shaped tensor.
+
+    `source` names where the tensors came from (a file or a format) for the message."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    problems = _shape_problems(expected, {name: tuple(t.shape) for name, t in state_dict.items()})
     if problems:
         raise CheckpointError(
             f"weights from {source} do not fit the model's config:\n  " + "\n  ".join(problems)
@@ -137,17 +145,7 @@ def check_source_tensors(
 ) -> None:
     """Like `check_state_dict` but for a foreign format's names, before converting them, so a bad
     file is reported under the names it really has. Names ending in `ignore` are skipped."""
-    problems = []
-    wrong = [f"{n}: expected {list(s)}, found {list(found[n].shape)}" for n, s in expected.items()
-             if n in found and tuple(found[n].shape) != tuple(s)]
-    missing = [n for n in expected if n not in found]
-    unexpected = [n for n in found if n not in expected and not n.endswith(ignore or ("\0",))]
-    if wrong:
-        problems.append(f"tensors whose shapes do not match the config: {_listing(wrong)}")
-    if missing:
-        problems.append(f"missing tensors: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_listing(unexpected)}")
+    problems = _shape_problems(expected, {name: tuple(t.shape) for name, t in found.items()}, ignore)
     if problems:
         raise CheckpointError(
             f"weights from {source} do not fit its config.json:\n  " + "\n  ".join(problems)
