@@ -43,3 +43,15 @@ def tokenizer(tokenizer_dir):
     from training.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test builds its own Accelerator (accelerate keeps process-wide singletons)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

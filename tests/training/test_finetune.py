@@ -23,16 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "finetune-tiny.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

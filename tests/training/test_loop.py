@@ -20,17 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 N_CTX = 32
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each test builds its own Accelerator (accelerate keeps process-wide singletons)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 @pytest.fixture(scope="module")
 def rows(story_texts, tokenizer, tmp_path_factory):

@@ -12,16 +12,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tinystories-tiny.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 def test_shipped_configs_validate():
     tiny = load_run_config(TINY)
