@@ -254,20 +254,22 @@ def batched_lanczos_values(
     values = torch.zeros(n, k, dtype=torch.float64)
     used = torch.full((n,), max_steps, dtype=torch.int64)
     prev: Optional[Tensor] = None
+    vcur = V[:, 0].float()          # the stored (rounded) vectors ARE the Lanczos vectors
+    vprev: Optional[Tensor] = None
     for j in range(max_steps):
-        vj = V[:, j]
-        vjf = vj.float()
-        w = matvec(vj, rows).float()
-        a = (w * vjf).sum(-1)
-        w.sub_(a[:, None] * vjf)
-        if j > 0:
-            w.sub_(beta[:, j - 1, None].float() * V[:, j - 1].float())
+        w = matvec(V[:, j], rows)
+        if w.dtype != torch.float32:
+            w = w.float()
+        a = torch.linalg.vecdot(w, vcur)
+        w.addcmul_(a[:, None], vcur, value=-1.0)
+        if vprev is not None:
+            w.addcmul_(beta[:, j - 1, None].float(), vprev, value=-1.0)
         # One classical Gram-Schmidt pass against the whole basis, as two batched GEMMs.
         Vj = V[:, : j + 1]
         h = torch.bmm(Vj, w.to(bdt)[:, :, None])
-        w.sub_(torch.bmm(Vj.transpose(1, 2), h)[:, :, 0].float())
+        w.sub_(torch.bmm(Vj.transpose(1, 2), h)[:, :, 0])
         alpha[:, j] = a.double() + h[:, j, 0].double()
-        b = w.double().norm(dim=-1)
+        b = torch.linalg.vector_norm(w, dim=-1).double()
         scale = torch.maximum(scale, alpha[:, j].abs() + b)
         m = j + 1
         dead = b <= 1e-6 * scale.clamp_min(1e-300)
@@ -280,8 +282,9 @@ def batched_lanczos_values(
             w[dead] = r
             b = torch.where(dead, torch.zeros_like(b), b)
         beta[:, j] = b
-        wn = w.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        V[:, j + 1] = (w / wn).to(bdt)
+        w.div_(torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(1e-30))
+        V[:, j + 1] = w
+        vprev, vcur = vcur, (w if bdt == torch.float32 else V[:, j + 1].float())
         last = m == max_steps
         if not (last or (m >= min_steps and (m - min_steps) % check_every == 0)):
             continue
@@ -303,5 +306,5 @@ def batched_lanczos_values(
                 break
             # Drop finished operators from the batch (copies the live part of the basis).
             rows, alpha, beta, scale, prev = rows[keep], alpha[keep], beta[keep], scale[keep], prev[keep]
-            V = V[keep]
+            V, vcur, vprev = V[keep], vcur[keep], vprev[keep]
     return values, used

@@ -67,8 +67,8 @@ def topk_eigenvalues_many(W_gate, W_in, W_out, U: Tensor, k: int = 16, b_gate=No
     cdt = work if compute_dtype is None else compute_dtype
     bdt = basis_dtype if basis_dtype is not None else (cdt if cdt == torch.bfloat16 else work)
     # Concatenate once: Q x = 1/2 [A B] swap(c2 * ([A B]^T x)), two GEMMs per step.
-    Wc = torch.cat([w.A, w.B], dim=1).to(cdt).contiguous()  # [d, 2m]
-    WcT = Wc.T.contiguous()                                  # [2m, d]
+    Wc = torch.cat([w.A, w.B], dim=1).to(cdt).contiguous()  # [d, 2m]: Z = x [A B] = [A^T x, B^T x]
+    WsT = torch.cat([w.B, w.A], dim=1).T.to(cdt).contiguous()  # [2m, d]: (c Z) [B A]^T = Q x * 2
     C = w.coefficients(U)                                    # [n, m]
     const = w.constant(U)
     gen = torch.Generator().manual_seed(seed)
@@ -78,16 +78,14 @@ def topk_eigenvalues_many(W_gate, W_in, W_out, U: Tensor, k: int = 16, b_gate=No
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="top-k eigenvalues", unit="chunk")
     for s in starts:
-        # Coefficients pre-swapped to match Z = [A^T x, B^T x]: row i gets [c_i, c_i] and
-        # the halves of Z are swapped by a view, so Q x = 1/2 [A B] (c2 * swap(Z)).
-        c2 = torch.cat([C[s:s + chunk]] * 2, dim=1).to(cdt)   # [b, 2m]
+        # Q x = 1/2 (B (c * A^T x) + A (c * B^T x)) = (c2 * (x [A B])) [B A]^T, c2 = [c, c] / 2.
+        c2 = (0.5 * torch.cat([C[s:s + chunk]] * 2, dim=1)).to(cdt)   # [b, 2m]
         kc = None if const is None else const[s:s + chunk]
 
         def matvec(X: Tensor, rows: Tensor) -> Tensor:
             Z = X.to(cdt) @ Wc                                # [r, 2m] = [A^T x, B^T x]
-            Z = Z.view(-1, 2, m).flip(1).reshape(-1, 2 * m)   # [B^T x, A^T x]
             Z.mul_(c2 if rows.shape[0] == c2.shape[0] else c2[rows])
-            Y = (Z @ WcT).to(work).mul_(0.5)
+            Y = (Z @ WsT).to(work)
             if kc is not None:
                 Y[:, -1] += kc[rows].to(work) * X[:, -1].to(work)
             return Y
