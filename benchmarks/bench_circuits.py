@@ -5,10 +5,15 @@ Writes a markdown table to benchmarks/results/bench_circuits.md.
 
 Rows per size:
   matmul           plain [1024, d] x [d, 2 d_mlp] GEMM in the same run (the machine's reference rate)
-  (a) one direction, top-16 eigenpairs: dense (form Q + eigh) vs matrix-free Lanczos
+  (a) one direction, top-16 eigenpairs: dense (form Q + eigh) vs matrix-free block Lanczos
+      (bf16 GEMMs + fp32 Rayleigh-Ritz; what method="auto" picks at large d) vs matrix-free
+      single-vector Lanczos; errors: eigenvalues vs dense, and max ||Q v - lambda v|| / ||Q||
   (b) top-16 eigenvalues of every vocabulary direction: dense (measured on a few directions,
-      extrapolated) vs batched Lanczos (fp32 and bf16 GEMMs; measured on all directions or a
-      subset and extrapolated -- the "measured on" column says which)
+      extrapolated; fp64 eigvalsh, and a batched fp32 variant) vs batched Lanczos (fp32 and
+      bf16 GEMMs, fixed default depth; measured on all directions or a subset and
+      extrapolated -- the note column says which); error = max over a sample of directions
+      of the relative error of the top-16 |lambda| vs dense fp64 eigvalsh. The "GEMM floor"
+      row is the time the weight GEMMs alone would take at the bf16 matmul rate above.
   (c) HOSVD: Gram route vs explicit flattened (d_out, d^2) matrix (where it fits in memory)
 Memory is the THEORETICAL peak of the arrays in flight (computed from shapes), not a measurement:
 torch allocations are invisible to tracemalloc. The process-wide ru_maxrss is printed at the end.
@@ -58,7 +63,7 @@ def fmt_mem(b):
     return f"{b / GB:.2f} GB" if b >= 0.1 * GB else f"{b / 1e6:.0f} MB"
 
 
-def bench_size(name, quick, rows, n_sub, n_exact):
+def bench_size(name, quick, rows, n_sub, n_exact, n_sub32):
     d, m, vocab = SIZES[name]
     g = torch.Generator().manual_seed(0)
     W = dict(W_gate=torch.randn(d, m, generator=g) / d ** 0.5,
@@ -73,10 +78,12 @@ def bench_size(name, quick, rows, n_sub, n_exact):
         print(" | ".join(rows[-1]), flush=True)
 
     # Reference GEMM rate, same shapes as the matrix-free step.
+    rate = {}
     for dt, lab in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         X, Wc = torch.randn(1024, d).to(dt), torch.randn(d, 2 * m).to(dt)
         X @ Wc
         _, s = timed(lambda: [X @ Wc for _ in range(3)])
+        rate[lab] = 2 * 1024 * d * 2 * m / GB / (s / 3)
         row("matmul", f"[1024,{d}]x[{d},{2 * m}] {lab}", s / 3, 2 * 1024 * d * 2 * m / GB,
             fmt_mem((1024 * d + d * 2 * m + 1024 * 2 * m) * X.element_size()))
 
@@ -86,37 +93,74 @@ def bench_size(name, quick, rows, n_sub, n_exact):
         torch.linalg.eigh(Z + Z.T)
         torch.linalg.eigvalsh(Z + Z.T)
     eigendecompose_from_weights(u=U[1], k=K, method="lanczos", max_steps=2 * K, **W)
+    eigendecompose_from_weights(u=U[1], k=K, method="block", max_steps=2, **W)
 
     # (a) one direction, top-16 eigenpairs.
     u = U[0]
     dense, s_dense = timed(lambda: eigendecompose_from_weights(u=u, k=K, method="dense", **W))
     row("(a) 1 dir top-16 eigenpairs", "dense: form Q + eigh", s_dense,
         (2 * d * d * m + 9 * d ** 3) / GB, fmt_mem(f4 * (2 * d * m + 3 * d * d)), "ref")
+    Q0 = interaction_matrix_from_weights(u=u, **W)
+    qn = float(dense.values.abs().max())
+    blk_steps = -(-min(d, 24 * K) // 16)
+    for rep in range(2):  # best of 2 (the machine is shared)
+        blk, s_b = timed(lambda: eigendecompose_from_weights(u=u, k=K, method="block", **W))
+        s_blk = s_b if rep == 0 else min(s_blk, s_b)
+    resid = float(((Q0 @ blk.vectors - blk.vectors * blk.values).norm(dim=0) / qn).max())
+    row("(a) 1 dir top-16 eigenpairs",
+        f"block Lanczos, 16 x {blk_steps} steps bf16 + fp32 Rayleigh-Ritz (auto)", s_blk,
+        (blk_steps * 16 + 2 * K) * 8 * d * m / GB,
+        fmt_mem(2 * d * 2 * m + f4 * 2 * blk_steps * 16 * d),
+        f"{rel_err(blk.values, dense.values):.1e}; resid {resid:.1e}", "best of 2")
     lan, s_lan = timed(lambda: eigendecompose_from_weights(u=u, k=K, method="lanczos", **W))
     steps_a = min(d, max(12 * K + 100, 4 * int(d ** 0.5)))
-    row("(a) 1 dir top-16 eigenpairs", f"matrix-free Lanczos (<= {steps_a} steps)", s_lan,
+    row("(a) 1 dir top-16 eigenpairs", f"single-vector Lanczos fp32 (<= {steps_a} steps)", s_lan,
         steps_a * 8 * d * m / GB, fmt_mem(f4 * (steps_a * d + 2 * d * m)),
         f"{rel_err(lan.values, dense.values):.1e}")
 
     # (b) every vocabulary direction, top-16 eigenvalues.
-    Q_ex = interaction_matrix_from_weights(u=U[:n_exact], **W)
-    ev_ex, s_ex = timed(lambda: torch.linalg.eigvalsh(Q_ex.double()))
-    _, s_form = timed(lambda: interaction_matrix_from_weights(u=U[:n_exact], **W))
+    ev_ex, s_ex, s_form = [], 0.0, 0.0
+    for i in range(n_exact):  # one at a time: memory stays at one d x d matrix
+        Qi, sf = timed(lambda: interaction_matrix_from_weights(u=U[i], **W))
+        e, se = timed(lambda: torch.linalg.eigvalsh(Qi.double()))
+        ev_ex.append(e)
+        s_ex, s_form = s_ex + se, s_form + sf
+    ev_ex = torch.stack(ev_ex)
     per = (s_ex + s_form) / n_exact
     row(f"(b) {vocab} dirs top-16 eigenvalues", "dense: form Q + eigvalsh (fp64)", per * vocab,
-        vocab * (2 * d * d * m + 4 / 3 * d ** 3) / GB, fmt_mem(8 * n_exact * d * d),
+        vocab * (2 * d * d * m + 4 / 3 * d ** 3) / GB, fmt_mem(8 * d * d),
         "ref", f"EXTRAPOLATED from {n_exact} dirs")
+    # Dense, batched: Q for a chunk of directions with bf16 GEMMs, then batched fp32 eigvalsh.
+    nb = min(n_exact, 8)
+
+    def dense_batched():
+        C = U[:nb] @ W["W_out"].T
+        Ab = (W["W_gate"][None] * C[:, None, :]).bfloat16()
+        M = (Ab @ W["W_in"].T.bfloat16()).float()
+        return torch.linalg.eigvalsh(0.5 * (M + M.transpose(-1, -2)))
+    evb, s_db = timed(dense_batched)
+    row(f"(b) {vocab} dirs top-16 eigenvalues", "dense batched: bf16 GEMM form + eigvalsh (fp32)",
+        s_db * vocab / nb, vocab * (2 * d * d * m + 4 / 3 * d ** 3) / GB,
+        fmt_mem(nb * (f4 * 2 * d * d + 2 * d * m)), f"{rel_err(evb, ev_ex[:nb]):.1e} (max over {nb})",
+        f"EXTRAPOLATED from {nb} dirs")
     steps = default_krylov_steps(d, K)
+    chunk = 256
     for dt, lab in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        n = vocab if n_sub is None else min(n_sub, vocab)
-        vals, s = timed(lambda: topk_eigenvalues_many(U=U[:n], k=K, compute_dtype=dt, **W))
-        err = rel_err(vals[:n_exact], ev_ex)
-        chunk = 256
-        mem = (chunk * (steps + 1) * d + 4 * chunk * 2 * m) * f4 + 2 * d * 2 * m * (2 if lab == "bf16" else 4)
+        n_run = n_sub if lab == "bf16" else n_sub32
+        n = vocab if n_run is None else min(n_run, vocab)
+        vals, s = timed(lambda: topk_eigenvalues_many(U=U[:n], k=K, compute_dtype=dt, stall_tol=None,
+                                                       chunk=chunk, **W))
+        ne = min(n, n_exact)
+        err = rel_err(vals[:ne], ev_ex[:ne])
+        bb = 2 if lab == "bf16" else 4
+        mem = chunk * (steps + 32) * d * bb + chunk * 2 * (2 * m) * bb + chunk * 3 * d * f4 + d * 2 * m * bb
         label = "measured, all" if n == vocab else f"EXTRAPOLATED from {n} dirs"
-        row(f"(b) {vocab} dirs top-16 eigenvalues", f"batched Lanczos {lab} (<= {steps} steps)",
+        row(f"(b) {vocab} dirs top-16 eigenvalues", f"batched Lanczos {lab} ({steps} steps, chunk {chunk})",
             s * vocab / n, vocab * steps * 8 * d * m / GB, fmt_mem(mem),
-            f"{err:.1e} (max over {n_exact})", label)
+            f"{err:.1e} (max over {ne})", label)
+    floor = vocab * steps * 8 * d * m / GB / rate["bf16"]
+    row(f"(b) {vocab} dirs top-16 eigenvalues", f"GEMM floor: {steps} steps x 8 d d_mlp at the bf16 matmul rate",
+        floor, vocab * steps * 8 * d * m / GB, "", "", "lower bound for this method, not a run")
 
     # (c) HOSVD over all residual directions (U = identity).
     h, s_h = timed(lambda: hosvd_from_weights(**W))
@@ -143,21 +187,25 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="ts-medium,tinyllama")
     p.add_argument("--quick", action="store_true", help="small subsets, skip the explicit HOSVD")
-    p.add_argument("--subset", type=int, default=256,
+    p.add_argument("--subset", type=int, default=512,
                    help="directions measured for (b) at sizes whose full run is long (tinyllama)")
+    p.add_argument("--exact", type=int, default=8,
+                   help="directions checked against dense fp64 eigvalsh at large sizes")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_circuits.md"))
     a = p.parse_args()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     rows = []
     load0 = os.getloadavg()[0]
+    t_start = time.perf_counter()
     for name in a.sizes.split(","):
         if name not in SIZES:
             p.error(f"unknown size {name!r}; choose from {', '.join(SIZES)}")
         big = SIZES[name][0] >= 1024
         n_sub = (64 if a.quick else a.subset) if big else (512 if a.quick else None)
-        n_exact = 3 if big else 8
-        bench_size(name, a.quick, rows, n_sub, n_exact)
+        n_sub32 = 64 if big else (256 if a.quick else None)  # fp32 Lanczos: the slower variant
+        n_exact = (3 if a.quick else a.exact) if big else 32
+        bench_size(name, a.quick, rows, n_sub, n_exact, n_sub32)
     head = ["size", "task", "method", "seconds", "GFLOP/s (nominal)", "memory in flight (theoretical)",
             "max rel. error of top-16 |lambda|", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -166,7 +214,8 @@ def main():
     meta = (f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs; random weights; "
             f"k = 16; process peak RSS {rss:.1f} GB (whole run, all sizes); "
             f"1-min load average at start/end {load0:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} "
-            f"cores (other jobs were sharing this machine: timings are pessimistic and noisy); "
+            f"cores (other jobs may share this machine: timings are noisy); "
+            f"whole benchmark {time.perf_counter() - t_start:.0f} s wall; "
             f"{time.strftime('%Y-%m-%d %H:%M')}; flags: {' '.join(sys.argv[1:]) or '(none)'}")
     text = "# bench_circuits\n\n" + meta + "\n\n" + "\n".join(lines) + "\n"
     print("\n" + text)
