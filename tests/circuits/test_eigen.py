@@ -3,7 +3,6 @@ import torch
 
 from circuits import (check_quadratic_form, effective_rank, eigendecompose_from_weights,
                       interaction_matrix_from_weights, topk_eigenvalues_many, truncated_readout)
-from .conftest import make_layer
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -3,7 +3,6 @@ import torch
 
 from circuits import (hosvd_from_weights, interaction_gram, interaction_matrix_from_weights,
                       output_gram, singular_interaction_matrix)
-from .conftest import make_layer
 
 
 def _explicit(W, U):

@@ -3,7 +3,6 @@ import torch
 
 from circuits import (augment_input, bilinear_mlp_forward, interaction_matrix_from_weights,
                       interaction_matvec)
-from .conftest import make_layer
 
 
 def _readout(W, u, X):

@@ -5,7 +5,6 @@ untied embeddings, rope theta 10000, SiLU), random weights, saved with `save_pre
 a small tokenizer; the data are the built-in story corpus. Everything is offline and on the CPU.
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.beta_schedule import BetaConfig, BetaSchedule, beta_at
+from training.beta_schedule import BetaConfig, beta_at
 from training.finetune import SourceModelError, check_source, load_finetune_config, load_source, main, run_finetune
 from training.run_config import RunConfigError
 

@@ -1,6 +1,5 @@
 """The training loop: learning, exact resume, data-parallel agreement, schedule and decay groups."""
 
-import hashlib
 import json
 import os
 import subprocess
