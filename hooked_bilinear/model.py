@@ -175,6 +175,7 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
     ) -> tuple[Tensor, Optional[Tensor]]:
         """Absolute positions [batch, pos] and the key mask [batch, key_pos] (None: no padding)."""
         device = self.W_E.device
+        past = cache.length if cache is not None else 0
         if cache is not None:
             key_mask = cache.extend_mask(attention_mask, batch, n_pos, device)
             if key_mask is None:
@@ -188,7 +189,9 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
         else:
             key_mask = None
             positions = torch.arange(n_pos, device=device).expand(batch, -1)
-        if positions.numel() and int(positions.max()) >= self.cfg.n_ctx:
+        # The bound needs no device sync; only a sequence that might be too long pays for the exact max.
+        bound = past + n_pos - 1
+        if bound >= self.cfg.n_ctx and positions.numel() and int(positions.max()) >= self.cfg.n_ctx:
             raise ValueError(
                 f"sequence reaches position {int(positions.max())} but the model's context is n_ctx={self.cfg.n_ctx}; "
                 f"truncate the input (e.g. tokens[:, -{self.cfg.n_ctx}:]) or generate fewer tokens"
