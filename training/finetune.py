@@ -45,7 +45,7 @@ from training.run_config import (
     RunConfigError,
     TrainConfig,
     read_config,
-    _check_type,
+    section_values,
     _unknown,
     validate_data,
     validate_train,
@@ -92,15 +92,10 @@ def build_finetune_config(raw: dict) -> FinetuneConfig:
     if unknown:
         raise _unknown(unknown[0], list(SECTIONS))
     default = FinetuneConfig()
-    sections = {}
-    for section, cls in SECTIONS.items():
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        values = {}
-        for name, value in (raw.get(section) or {}).items():
-            if name not in fields:
-                raise _unknown(f"{section}.{name}", list(fields))
-            values[name] = _check_type(f"{section}.{name}", value, fields[name])
-        sections[section] = dataclasses.replace(getattr(default, section), **values)
+    sections = {
+        section: dataclasses.replace(getattr(default, section), **section_values(section, cls, raw.get(section)))
+        for section, cls in SECTIONS.items()
+    }
     return FinetuneConfig(**sections)
 
 

@@ -192,16 +192,19 @@ def build_run_config(raw: dict) -> RunConfig:
         if name == "d_vocab":
             raise RunConfigError("model.d_vocab is set from the tokenizer; set data.vocab_size instead")
         model[name] = value
-    sections = {}
-    for section, cls in SECTIONS.items():
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        values = {}
-        for name, value in (raw.get(section) or {}).items():
-            if name not in fields:
-                raise _unknown(f"{section}.{name}", list(fields))
-            values[name] = _check_type(f"{section}.{name}", value, fields[name])
-        sections[section] = cls(**values)
+    sections = {section: cls(**section_values(section, cls, raw.get(section))) for section, cls in SECTIONS.items()}
     return RunConfig(model=model, **sections)
+
+
+def section_values(section: str, cls: type, raw_section: Optional[dict]) -> dict:
+    """The keys of one config section, each checked against the dataclass field of that name."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {}
+    for name, value in (raw_section or {}).items():
+        if name not in fields:
+            raise _unknown(f"{section}.{name}", list(fields))
+        values[name] = _check_type(f"{section}.{name}", value, fields[name])
+    return values
 
 
 def read_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
