@@ -131,12 +131,12 @@ def test_pattern_hook_can_edit_attention(tiny_model):
         edited[..., 0] = 1.0
         return edited
 
-    _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.attn.hook_"))
-    logits = tiny_model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", attend_to_first)])
+    with tiny_model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", attend_to_first)]):
+        logits, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.attn.hook_"))
     assert not torch.allclose(logits, tiny_model(tokens))
-    # z for every query is now the first position's value vectors.
-    _, edited = tiny_model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_z")  # unedited run for shape
-    assert edited["blocks.0.attn.hook_z"].shape == cache["blocks.0.attn.hook_z"].shape
+    # every query now reads the first position's values (heads share values in groups of two)
+    v_first = cache["blocks.0.attn.hook_v"][:, :1].repeat_interleave(2, dim=2)  # [1, 1, n_heads, d_head]
+    torch.testing.assert_close(cache["blocks.0.attn.hook_z"], v_first.expand_as(cache["blocks.0.attn.hook_z"]))
 
 
 def test_hooks_removed_even_when_forward_raises(tiny_model):
