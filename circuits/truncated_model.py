@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .eigen import Eigen
-from .layer import check_direction, check_layer, eigendecompose, hosvd
+from .layer import check_direction, check_layer, eigendecompose, hosvd, mlp_input
 from .truncation import effective_rank
 
 
@@ -49,11 +49,7 @@ def truncated_mlps(model: Any, spec: dict[int, tuple[Tensor, Eigen, int]]):
         U, eig, k = spec[layer]
 
         def hook(mlp_out: Tensor, hook: Any) -> Tensor:
-            resid = stash[f"blocks.{layer}.hook_resid_mid"]
-            if model.cfg.normalization_type == "LN":
-                resid = resid - resid.mean(-1, keepdim=True)
-            scale = stash.get(f"blocks.{layer}.ln2.hook_scale", 1.0)
-            x = (resid / scale).reshape(-1, model.cfg.d_model)
+            x = mlp_input(model, stash, layer).reshape(-1, model.cfg.d_model)
             readout = _batched_readout(eig, x, k).to(mlp_out.dtype).reshape(*mlp_out.shape[:-1], -1)
             U_ = U.to(mlp_out.dtype)
             return mlp_out - (mlp_out @ U_.T) @ U_ + readout @ U_
@@ -105,23 +101,20 @@ def truncation_sweep(
     logits, cache = model.run_with_cache(tokens, names_filter=names)
     original_loss = float(model.loss_from_logits(logits, tokens))
     log_p = logits.float().log_softmax(-1)
+    # The MLP inputs and true readouts do not depend on k: compute them once.
+    inputs = {l: mlp_input(model, cache, l).reshape(-1, model.cfg.d_model) for l in layers}
+    truth = torch.cat([
+        (cache[f"blocks.{l}.hook_mlp_out"].reshape(-1, model.cfg.d_model) @ bases[l].T.to(inputs[l].dtype)).flatten().float()
+        for l in layers
+    ])
     results = []
     for k in tqdm(ks, desc="truncating", disable=not progress):
         spec = {l: (bases[l], eigs[l], k) for l in layers}
         with truncated_mlps(model, spec):
             t_logits = model(tokens)
         log_q = t_logits.float().log_softmax(-1)
-        truth, approx = [], []
-        for l in layers:
-            x_cache = {n: cache[n] for n in names if n.startswith(f"blocks.{l}.")}
-            resid = x_cache[f"blocks.{l}.hook_resid_mid"]
-            if model.cfg.normalization_type == "LN":
-                resid = resid - resid.mean(-1, keepdim=True)
-            x = resid / x_cache.get(f"blocks.{l}.ln2.hook_scale", 1.0)
-            x = x.reshape(-1, model.cfg.d_model)
-            approx.append(_batched_readout(eigs[l], x, k).flatten().float())
-            truth.append((x_cache[f"blocks.{l}.hook_mlp_out"].reshape(-1, model.cfg.d_model) @ bases[l].T.to(x.dtype)).flatten().float())
-        corr = torch.corrcoef(torch.stack([torch.cat(truth), torch.cat(approx)]))[0, 1]
+        approx = torch.cat([_batched_readout(eigs[l], inputs[l], k).flatten().float() for l in layers])
+        corr = torch.corrcoef(torch.stack([truth, approx]))[0, 1]
         results.append(TruncationResult(
             k=k,
             loss=float(model.loss_from_logits(t_logits, tokens)),
