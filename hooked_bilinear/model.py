@@ -250,8 +250,9 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
         Takes TransformerLens's arguments: names_filter (a name, a list, or a predicate), device,
         remove_batch_dim, incl_bwd, pos_slice, plus anything `forward` takes."""
         names_filter = kwargs.get("names_filter")
-        for name in [names_filter] if isinstance(names_filter, str) else (names_filter if isinstance(names_filter, list) else []):
-            self._check_hook_name(name)
+        if isinstance(names_filter, (str, list)):  # a predicate cannot name a missing hook
+            for name in [names_filter] if isinstance(names_filter, str) else names_filter:
+                self._check_hook_name(name)
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if not return_cache_object:
             return out, cache_dict
