@@ -1,0 +1,46 @@
+"""The `hooked-bilinear` dispatcher: lives in hooked_bilinear, imports subcommands lazily, and sends a
+run folder given where a model folder is expected back with the folder to use."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_importing_the_dispatcher_does_not_import_training_or_circuits():
+    code = ("import sys, hooked_bilinear, hooked_bilinear.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('training', 'circuits')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_training_cli_is_an_alias():
+    from hooked_bilinear import cli
+    from training import cli as alias
+
+    assert alias.main is cli.main
+
+
+def test_circuits_on_a_run_folder_names_final(tmp_path, capsys):
+    from hooked_bilinear.cli import main
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    (run / "run_config.yaml").write_text("model: {}\n")
+    assert main(["circuits", str(run), "--target", " kicked"]) == 2
+    err = capsys.readouterr().err
+    assert "training run folder" in err and str(run / "final") in err and "Traceback" not in err
+
+
+def test_unfinished_run_folder_names_its_newest_checkpoint(tmp_path):
+    from hooked_bilinear.cli import run_folder_message
+
+    run = tmp_path / "run"
+    for step in ("step-00000010", "step-00000020"):
+        (run / "checkpoints" / step).mkdir(parents=True)
+    (run / "run_config.yaml").write_text("model: {}\n")
+    message = run_folder_message(run)
+    assert "step-00000020" in message and "--resume" in message
+    assert run_folder_message(tmp_path) is None  # an ordinary folder is not a run folder
