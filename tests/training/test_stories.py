@@ -39,10 +39,27 @@ def test_looks_like_tinystories(many):
 
 def test_all_rules_hold_everywhere(many):
     totals = check_stories(many)
-    assert set(totals) == set(PLANTED_RULES) == {"negation", "object_verb", "name_recall", "pronoun"}
+    assert set(totals) == set(PLANTED_RULES) == {"negation", "object_verb", "name_recall", "pronoun", "conjunction"}
     for name, (n, bad) in totals.items():
         assert n > 1000, name
         assert bad == 0, name
+
+
+def test_conjunction_rule_is_an_exclusive_or(many):
+    # Independent of check_story: the answer after "It was a <temp> <time>." is fixed by the pair,
+    # while each word alone leaves both answers equally likely.
+    from training.stories import CONJUNCTION_ANSWERS
+
+    seen = {}
+    for s in many:
+        for m in re.finditer(r"It was a (hot|cold) (morning|night)\. [A-Z]\w+ (\w+)", s):
+            temp, time, answer = m.groups()
+            assert answer == CONJUNCTION_ANSWERS[temp, time], m.group(0)
+            seen.setdefault(temp, []).append(answer)
+            seen.setdefault(time, []).append(answer)
+    for word in ("hot", "cold", "morning", "night"):
+        share = seen[word].count("swam") / len(seen[word])
+        assert 0.4 < share < 0.6, (word, share)  # one word alone: a coin flip
 
 
 def test_negation_rule_by_regex(many):
