@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from ..config import HookedBilinearConfig, parse_dtype
-from .checks import CheckpointError, check_source_tensors, load_checked, pick_tokenizer, read_weights
+from .checks import CheckpointError, check_source_tensors, pick_tokenizer, read_weights
+from .materialize import empty_model, fill_model
 
 PAPERS_KEYS = ("n_layer", "d_model", "d_hidden", "n_head", "n_ctx", "n_vocab", "bilinear", "gate", "bias",
                "normalization", "scale_attn")
@@ -118,7 +119,7 @@ def state_dict_from_papers(weights: dict[str, Tensor], cfg: HookedBilinearConfig
             b_left, b_right = weights[src + "mlp.w.bias"].chunk(2, dim=0)
             out.update({dst + "mlp.b_gate": b_left, dst + "mlp.b_in": b_right,
                         dst + "mlp.b_out": weights[src + "mlp.p.bias"]})
-    return {name: t.contiguous() for name, t in out.items()}
+    return out  # views of the checkpoint's tensors, no copies
 
 
 def load_papers(directory: str | Path, device: Optional[str] = None, dtype: Any = None, tokenizer: Any = True,
@@ -127,13 +128,10 @@ def load_papers(directory: str | Path, device: Optional[str] = None, dtype: Any 
 
     The tokenizer comes from the folder if it has one, else from the repository `config["tokenizer"]`
     names; if that cannot be loaded (e.g. offline) a warning is given and the model has none."""
-    from ..model import HookedBilinearTransformer
-
     directory = Path(directory)
     raw = json.loads((directory / "config.json").read_text())
-    weights = read_weights(directory)
+    weights = read_weights(directory, device=device)
     cfg = config_from_papers(raw, weights, dtype=dtype, device=device, model_name=model_name or str(directory))
     ours = state_dict_from_papers(weights, cfg, source=str(directory))
-    model = HookedBilinearTransformer(cfg, tokenizer=pick_tokenizer(tokenizer, directory, cfg.tokenizer_name))
-    load_checked(model, ours, str(directory))
-    return model.eval()
+    model = empty_model(cfg, tokenizer=pick_tokenizer(tokenizer, directory, cfg.tokenizer_name))
+    return fill_model(model, ours, str(directory))

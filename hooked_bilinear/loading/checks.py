@@ -44,13 +44,22 @@ def find_weights(directory: Path) -> Path:
     )
 
 
-def _read_one(path: Path) -> dict[str, Tensor]:
+def _read_one(path: Path, device: Optional[str | torch.device] = None) -> dict[str, Tensor]:
+    """Every tensor of one file. On the CPU the tensors are memory-mapped views of the file (pages
+    are read when first touched, copy-on-write), so reading costs no time and no memory; on an
+    accelerator each tensor is copied straight from the file to the device, one at a time."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} is missing (named by the shard index); re-download or re-save")
+    device = torch.device(device if device is not None else "cpu")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path), device=str(device))
+        try:  # zip-format pickles (torch.save since 1.6) can be memory-mapped like safetensors
+            return torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            return torch.load(str(path), map_location=device, weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         # safetensors and torch.load both fail deep inside their parsers; name the file instead.
         raise CheckpointError(
@@ -59,18 +68,21 @@ def _read_one(path: Path) -> dict[str, Tensor]:
         ) from error
 
 
-def read_weights(directory: str | Path) -> dict[str, Tensor]:
-    """All tensors of a checkpoint folder (single file or shards), on the CPU, as stored."""
+def read_weights(directory: str | Path, device: Optional[str | torch.device] = None) -> dict[str, Tensor]:
+    """All tensors of a checkpoint folder (single file or shards), as stored (dtype and layout).
+
+    device None or "cpu": memory-mapped, nothing is read until used; otherwise copied to `device`
+    tensor by tensor, never staged on the CPU as a whole."""
     path = find_weights(Path(directory))
     if not path.name.endswith(".index.json"):
-        return _read_one(path)
+        return _read_one(path, device)
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (ValueError, KeyError) as error:
         raise CheckpointError(f"shard index {path} is not valid JSON with a 'weight_map' ({error})") from error
     tensors: dict[str, Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        tensors.update(_read_one(path.parent / shard))
+        tensors.update(_read_one(path.parent / shard, device))
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
         raise CheckpointError(f"shard index {path} names tensors that no shard holds: {_listing(missing)}")
@@ -106,12 +118,6 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source:
             f"weights from {source} do not fit the model's config:\n  " + "\n  ".join(problems)
             + "\n(the config and the weights come from different models, or the file was edited)"
         )
-
-
-def load_checked(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Check, then copy into the model (cast to the model's dtype and device)."""
-    check_state_dict(model, state_dict, source)
-    model.load_state_dict(dict(state_dict), strict=True)
 
 
 def tokenizer_files_present(directory: Path) -> bool:

@@ -3,8 +3,10 @@
 A Llama MLP is `down(act(gate(x)) * up(x))`, our `act(x W_gate) * (x W_in) @ W_out`: SwiGLU for
 hidden_act="silu", bilinear for hidden_act="linear" (transformers' ACT2FN["linear"] is the
 identity). HF stores `nn.Linear` weights as [out, in] with heads flattened; we store [in, out] with
-heads split, so every tensor is one einops rearrangement away. HF weights are read straight from the
-safetensors files, never by instantiating the HF model.
+heads split, so every tensor is one einops rearrangement away -- a view, never a copy: loading
+assigns memory-mapped checkpoint tensors as our parameters (see `materialize`), and `to_hf()`
+builds the HF model around views of ours. HF weights are read straight from the safetensors files,
+never by instantiating the HF model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..config import HookedBilinearConfig, parse_dtype
-from .checks import CheckpointError, check_source_tensors, load_checked, pick_tokenizer, read_weights
+from .checks import CheckpointError, check_source_tensors, pick_tokenizer, read_weights
+from .materialize import empty_model, fill_model
 
 _HF_ACT_TO_OURS = {"silu": "silu", "swish": "silu", "linear": "linear", "relu": "relu", "gelu": "gelu"}
 # Buffers some older checkpoints stored; they are recomputed from the config.
@@ -123,7 +126,9 @@ def _reverse(pattern: str) -> str:
 
 def state_dict_from_hf_llama(hf_state_dict: dict[str, Tensor], cfg: HookedBilinearConfig,
                              source: str = "the Llama state dict") -> dict[str, Tensor]:
-    """HF Llama names and [out, in] layouts -> our names and layouts (shapes checked first)."""
+    """HF Llama names and [out, in] layouts -> our names and layouts (shapes checked first).
+
+    The results are views of the inputs (transposed/reshaped), not copies."""
     sd = dict(hf_state_dict)
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # HF's state_dict() lists the tied matrix under both names
@@ -131,16 +136,17 @@ def state_dict_from_hf_llama(hf_state_dict: dict[str, Tensor], cfg: HookedBiline
         sd = {f"model.{name}": t for name, t in sd.items()}
     rows = _mapping(cfg)
     check_source_tensors({hf: shape for _, hf, _, _, shape in rows}, sd, source, ignore=_IGNORED_SUFFIXES)
-    return {ours: (sd[hf] if pattern is None else einops.rearrange(sd[hf], pattern, **axes)).contiguous()
+    return {ours: sd[hf] if pattern is None else einops.rearrange(sd[hf], pattern, **axes)
             for ours, hf, pattern, axes, _ in rows}
 
 
 def from_hf_llama(hf_model_or_state_dict: Any, hf_config: Any = None, *, device: Optional[str] = None,
                   dtype: Any = None, tokenizer: Any = None, model_name: Optional[str] = None) -> Any:
     """A `HookedBilinearTransformer` from a `LlamaForCausalLM`, or from its state dict plus its
-    `LlamaConfig` (or config dict). dtype None keeps the checkpoint's dtype."""
-    from ..model import HookedBilinearTransformer
+    `LlamaConfig` (or config dict). dtype None keeps the checkpoint's dtype.
 
+    Where dtype and device match, the result shares memory with the HF weights (no copy); clone
+    one of them if both must change independently."""
     if isinstance(hf_model_or_state_dict, dict):
         if hf_config is None:
             raise ValueError("from_hf_llama with a state dict needs its config: from_hf_llama(state_dict, llama_config)")
@@ -153,26 +159,23 @@ def from_hf_llama(hf_model_or_state_dict: Any, hf_config: Any = None, *, device:
 
         hf_config = LlamaConfig(**hf_config)
     cfg = config_from_hf_llama(hf_config, dtype=dtype, device=device, model_name=model_name)
-    ours = state_dict_from_hf_llama(state_dict, cfg)
-    model = HookedBilinearTransformer(cfg, tokenizer=tokenizer)
-    load_checked(model, ours, "the converted Llama weights")
-    return model.eval()
+    with torch.no_grad():
+        ours = state_dict_from_hf_llama({k: v.detach() for k, v in state_dict.items()}, cfg)
+    return fill_model(empty_model(cfg, tokenizer=tokenizer), ours, "the converted Llama weights")
 
 
 def load_hf_llama(directory: str | Path, device: Optional[str] = None, dtype: Any = None,
                   tokenizer: Any = True, model_name: Optional[str] = None) -> Any:
-    """Read a Hugging Face Llama checkpoint folder (config.json + safetensors, single or sharded)."""
+    """Read a Hugging Face Llama checkpoint folder (config.json + safetensors, single or sharded).
+
+    No weight is allocated twice: see `materialize` for what loading costs."""
     from transformers import LlamaConfig
 
     directory = Path(directory)
     hf_config = LlamaConfig.from_pretrained(str(directory))  # also upgrades older config.json layouts
     cfg = config_from_hf_llama(hf_config, dtype=dtype, device=device, model_name=model_name or str(directory))
-    ours = state_dict_from_hf_llama(read_weights(directory), cfg, source=str(directory))
-    from ..model import HookedBilinearTransformer
-
-    model = HookedBilinearTransformer(cfg, tokenizer=pick_tokenizer(tokenizer, directory))
-    load_checked(model, ours, str(directory))
-    return model.eval()
+    ours = state_dict_from_hf_llama(read_weights(directory, device=cfg.device), cfg, source=str(directory))
+    return fill_model(empty_model(cfg, tokenizer=pick_tokenizer(tokenizer, directory)), ours, str(directory))
 
 
 # --- ours -> Hugging Face ---------------------------------------------------------------------
@@ -224,8 +227,9 @@ def hf_llama_config(model: Any) -> Any:
 
 @torch.no_grad()
 def hf_llama_state_dict(model: Any) -> dict[str, Tensor]:
-    """Our weights under HF Llama names and layouts. Weightless norms become unit gains, the
-    attention-output scale is folded into o_proj, and a gate at beta 0 (x/2) into gate_proj."""
+    """Our weights under HF Llama names and layouts, as views of our parameters (no copy).
+    Weightless norms become unit gains, the attention-output scale is folded into o_proj and a gate
+    at beta 0 (x/2) into gate_proj: only those tensors are new."""
     cfg = model.cfg
     ours = dict(model.state_dict())
     ones = torch.ones(cfg.d_model, dtype=cfg.dtype, device=model.W_E.device)
@@ -243,7 +247,7 @@ def hf_llama_state_dict(model: Any) -> dict[str, Tensor]:
             for name in ("mlp.W_gate", "mlp.b_gate"):
                 if p + name in ours:
                     ours[p + name] = ours[p + name] * 0.5
-    out = {hf: (ours[name] if pattern is None else einops.rearrange(ours[name], _reverse(pattern), **axes)).contiguous()
+    out = {hf: ours[name] if pattern is None else einops.rearrange(ours[name], _reverse(pattern), **axes)
            for name, hf, pattern, axes, _ in _mapping(cfg)}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
@@ -253,16 +257,28 @@ def hf_llama_state_dict(model: Any) -> dict[str, Tensor]:
 def to_hf_llama(model: Any) -> Any:
     """A `transformers.LlamaForCausalLM` (eval mode, same dtype and device) computing the same logits.
 
-    hidden_act is "linear" for a bilinear model. Raises ValueError naming what does not fit Llama."""
+    hidden_act is "linear" for a bilinear model. Raises ValueError naming what does not fit Llama.
+    The HF model is built empty (meta device) around views of this model's parameters, so it
+    shares their memory: an in-place change to one shows in the other (deep-copy for independence)."""
+    from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
 
     hf_config = hf_llama_config(model)
+    hf_config.dtype = model.cfg.dtype
     state_dict = hf_llama_state_dict(model)
-    hf_model = LlamaForCausalLM(hf_config).to(dtype=model.cfg.dtype, device=model.W_E.device)
-    missing, unexpected = hf_model.load_state_dict(state_dict, strict=False)
-    missing = [n for n in missing if not n.endswith(_IGNORED_SUFFIXES)]
+    with init_empty_weights(include_buffers=False):  # no random init of a second model
+        hf_model = LlamaForCausalLM(hf_config)
+    missing, unexpected = hf_model.load_state_dict(state_dict, strict=False, assign=True)
+    tied = model.cfg.tie_embeddings
+    missing = [n for n in missing if not n.endswith(_IGNORED_SUFFIXES) and not (tied and n == "lm_head.weight")]
     if missing or unexpected:  # would mean this module's mapping is out of date with transformers
         raise RuntimeError(f"Llama conversion left tensors unmatched: missing {missing}, unexpected {unexpected}")
+    if tied:
+        hf_model.tie_weights()
+    hf_model.to(model.W_E.device)  # buffers (rotary frequencies); parameters are already there
+    left = [name for name, p in hf_model.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"Llama conversion left parameters unloaded: {left}")
     return hf_model.eval()
 
 

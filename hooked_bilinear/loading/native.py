@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional
 from safetensors.torch import save_file
 
 from ..config import HookedBilinearConfig, parse_dtype
-from .checks import load_checked, pick_tokenizer, read_weights
+from .checks import pick_tokenizer, read_weights
+from .materialize import empty_model, fill_model
 
 FORMAT_MARKER = "hooked-bilinear"
 FORMAT_VERSION = 1
@@ -91,9 +92,8 @@ def load_native(
 ) -> Any:
     """Read a folder written by `save_native` into a `HookedBilinearTransformer` (eval mode).
 
-    dtype None keeps the saved dtype; device None means the CPU."""
-    from ..model import HookedBilinearTransformer
-
+    dtype None keeps the saved dtype; device None means the CPU. No weight is allocated twice: on
+    the CPU in the saved dtype the parameters are memory-mapped views of the file."""
     directory = Path(directory)
     raw = json.loads((directory / CONFIG_NAME).read_text())
     raw.pop("format", None)
@@ -105,8 +105,6 @@ def load_native(
     if dtype is not None:
         raw["dtype"] = str(parse_dtype(dtype)).removeprefix("torch.")
     cfg = HookedBilinearConfig.from_dict(raw)
-    state_dict = read_weights(directory)
+    state_dict = read_weights(directory, device=cfg.device)
     tok = pick_tokenizer(tokenizer, directory, cfg.tokenizer_name)
-    model = HookedBilinearTransformer(cfg, tokenizer=tok)
-    load_checked(model, state_dict, str(directory / WEIGHTS_NAME))
-    return model.eval()
+    return fill_model(empty_model(cfg, tokenizer=tok), state_dict, str(directory / WEIGHTS_NAME))
