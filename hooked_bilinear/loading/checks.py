@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -125,8 +125,10 @@ def tokenizer_files_present(directory: Path) -> bool:
     return any((directory / n).is_file() for n in names)
 
 
-def load_tokenizer(source: Optional[str | Path], warn_if_missing: bool = False):
-    """`transformers.AutoTokenizer` from a folder or hub id, or None (with a warning if asked)."""
+def load_tokenizer(source: Optional[str | Path], warn_if_missing: bool = False, **settings: Any):
+    """`transformers.AutoTokenizer` from a folder or hub id, or None (with a warning if asked).
+
+    settings: passed to `from_pretrained`, e.g. pad_token="[EOS]", padding_side="right"."""
     if source is None:
         return None
     import warnings
@@ -134,7 +136,7 @@ def load_tokenizer(source: Optional[str | Path], warn_if_missing: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        return AutoTokenizer.from_pretrained(str(source), **settings)
     except Exception as error:  # offline, missing repo, or files it cannot parse
         if warn_if_missing:
             warnings.warn(f"could not load tokenizer {str(source)!r} ({type(error).__name__}: {error}); "
@@ -159,11 +161,12 @@ def check_source_tensors(
         )
 
 
-def pick_tokenizer(tokenizer, directory: Path, named: Optional[str] = None):
+def pick_tokenizer(tokenizer, directory: Path, named: Optional[str] = None, **settings: Any):
     """Resolve the `tokenizer=` argument of the loaders.
 
     True: the folder's tokenizer files, else the tokenizer the config names (warning if it cannot
-    be had); False/None: none; a string: that folder or hub id; anything else: used as given."""
+    be had), either with `settings` (the pad token and padding side the checkpoint's own code
+    sets); False/None: none; a string: that folder or hub id, as it is; anything else: used as given."""
     if tokenizer is None or tokenizer is False:
         return None
     if isinstance(tokenizer, (str, Path)):
@@ -171,5 +174,5 @@ def pick_tokenizer(tokenizer, directory: Path, named: Optional[str] = None):
     if tokenizer is not True:
         return tokenizer
     if tokenizer_files_present(directory):
-        return load_tokenizer(directory, warn_if_missing=True)
-    return load_tokenizer(named, warn_if_missing=True)
+        return load_tokenizer(directory, warn_if_missing=True, **settings)
+    return load_tokenizer(named, warn_if_missing=True, **settings)

@@ -53,14 +53,20 @@ def write_checkpoint(directory, config: dict, weights: dict, as_bin: bool = Fals
     return directory
 
 
-def reference_logits(config: dict, w: dict, tokens: torch.Tensor) -> torch.Tensor:
-    """The original architecture, step by step: no code shared with the library."""
+def reference_logits(config: dict, w: dict, tokens: torch.Tensor, mlp_out: str = "p") -> torch.Tensor:
+    """The original architecture, step by step: no code shared with the library. Norm gains,
+    biases and the attention scale are used when the checkpoint has them (the 2024 code: gains,
+    `mlp.o`, a bool gate, no scale)."""
     n_head, d_head = config["n_head"], config["d_model"] // config["n_head"]
     n_pos = tokens.shape[1]
-    gate = {None: lambda x: x, "relu": torch.relu, "silu": torch.nn.functional.silu}[config["gate"]]
+    gate = {None: lambda x: x, False: lambda x: x, True: torch.relu, "relu": torch.relu,
+            "silu": torch.nn.functional.silu}[config["gate"]]
 
-    def norm(x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-8) if config["normalization"] else x
+    def norm(x, name):
+        if not config["normalization"]:
+            return x
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-8)
+        return x * w[name + ".norm.weight"] if name + ".norm.weight" in w else x
 
     def linear(x, name):
         out = x @ w[name + ".weight"].T
@@ -75,21 +81,21 @@ def reference_logits(config: dict, w: dict, tokens: torch.Tensor) -> torch.Tenso
         x1, x2 = x[..., : d_head // 2], x[..., d_head // 2 :]
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
-    scale = 1 / math.sqrt(2 * config["n_layer"]) if config["scale_attn"] else 1.0
+    scale = 1 / math.sqrt(2 * config["n_layer"]) if config.get("scale_attn", False) else 1.0
     causal = torch.ones(n_pos, n_pos).tril().bool()
     x = w["transformer.wte.weight"][tokens]
     for i in range(config["n_layer"]):
         p = f"transformer.h.{i}."
-        qkv = linear(norm(x), p + "attn.qkv")  # [batch, pos, 3 * d_model], rows (3, head, d_head)
+        qkv = linear(norm(x, p + "n1"), p + "attn.qkv")  # [batch, pos, 3 * d_model], rows (3, head, d_head)
         q, k, v = qkv.view(*qkv.shape[:2], 3, n_head, d_head).permute(2, 0, 3, 1, 4)
         q, k = rotate(q), rotate(k)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d_head)
         pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         z = (pattern @ v).transpose(1, 2).reshape(*x.shape)
         x = x + scale * linear(z, p + "attn.o")
-        left, right = linear(norm(x), p + "mlp.w").chunk(2, dim=-1)
-        x = x + linear(gate(left) * right, p + "mlp.p")
-    return linear(norm(x), "lm_head")
+        left, right = linear(norm(x, p + "n2"), p + "mlp.w").chunk(2, dim=-1)
+        x = x + linear(gate(left) * right, p + "mlp." + mlp_out)
+    return linear(norm(x, "transformer.n_f"), "lm_head")
 
 
 CASES = {
@@ -153,3 +159,118 @@ def test_truncated_bin_file(tmp_path):
     (directory / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*truncated or corrupt"):
         HookedBilinearTransformer.from_pretrained(directory, tokenizer=False)
+
+
+# --- the research code's bias=True and the 2024 paper's 1-layer family ---------------------------
+
+
+def test_research_bias_true_has_qkv_bias_but_no_output_bias(tmp_path):
+    config = papers_config(bias=True, scale_attn=True, tokenizer="ss-4096")
+    weights = papers_weights(bias=True)
+    g = torch.Generator().manual_seed(9)
+    for i in range(N_LAYER):  # nn.Linear(d, 3d, bias=True) for qkv, nn.Linear(d, d, bias=False) for o
+        weights[f"transformer.h.{i}.attn.qkv.bias"] = torch.randn(3 * D_MODEL, generator=g) * 0.2
+    directory = write_checkpoint(tmp_path / "ckpt", config, weights)
+    with pytest.warns(UserWarning, match="tdooms/ss-tokenizer-4096"):
+        model = HookedBilinearTransformer.from_pretrained(directory)
+    assert model.cfg.tokenizer_name == "tdooms/ss-tokenizer-4096"
+    assert torch.all(model.blocks[0].attn.b_O == 0) and model.blocks[0].attn.b_Q.abs().sum() > 0
+    tokens = random_tokens(N_VOCAB, n_pos=N_CTX)
+    torch.testing.assert_close(model(tokens), reference_logits(config, weights, tokens), atol=1e-4, rtol=1e-4)
+
+
+def config_2024(**overrides) -> dict:
+    """The 2024 code's config.json: no tokenizer, bias or scale_attn keys; gate is a bool."""
+    config = dict(n_vocab=N_VOCAB, n_head=N_HEAD, n_layer=1, n_ctx=N_CTX, d_model=D_MODEL, d_hidden=D_HIDDEN,
+                  bilinear=True, gate=False, normalization=True, noise=None, modifier="i5",
+                  architectures=["Transformer"], model_type="")
+    config.update(overrides)
+    return config
+
+
+def weights_2024(n_layer: int = 1, gains: bool = True, seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.2, offset=0.0):
+        return torch.randn(*shape, generator=g) * scale + offset
+
+    w = {"transformer.wte.weight": rand(N_VOCAB, D_MODEL), "lm_head.weight": rand(N_VOCAB, D_MODEL)}
+    if gains:
+        w["transformer.n_f.norm.weight"] = rand(D_MODEL, offset=1.0)
+    for i in range(n_layer):
+        p = f"transformer.h.{i}."
+        w.update({p + "attn.qkv.weight": rand(3 * D_MODEL, D_MODEL), p + "attn.o.weight": rand(D_MODEL, D_MODEL),
+                  p + "mlp.w.weight": rand(2 * D_HIDDEN, D_MODEL), p + "mlp.o.weight": rand(D_MODEL, D_HIDDEN),
+                  p + "attn.rotary.inv_freq": torch.ones(D_MODEL // N_HEAD // 2)})
+        if gains:
+            w.update({p + "n1.norm.weight": rand(D_MODEL, offset=1.0), p + "n2.norm.weight": rand(D_MODEL, offset=1.0)})
+    return w
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["bilinear", "relu_gate"])
+def test_2024_family_matches_independent_reference(gate, tmp_path):
+    config = config_2024(gate=gate)
+    weights = weights_2024()
+    directory = write_checkpoint(tmp_path / "TinyStories-1-32-i5", config, weights)
+    assert detect_format(directory) == "papers"
+    with pytest.warns(UserWarning, match="could not load tokenizer 'tdooms/TinyStories-40'"):
+        model = HookedBilinearTransformer.from_pretrained(directory)
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.norm_weights, cfg.eps, cfg.attn_out_scale) == (1, True, 1e-8, 1.0)
+    assert cfg.act_fn == ("relu" if gate else "linear")
+    tokens = random_tokens(N_VOCAB, n_pos=N_CTX)
+    expected = reference_logits(config, weights, tokens, mlp_out="o")
+    torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
+    # the gains really are used: without them the logits differ
+    plain = reference_logits(config, {k: v for k, v in weights.items() if ".norm." not in k}, tokens, mlp_out="o")
+    assert (plain - expected).abs().max() > 1e-2
+    assert torch.equal(model.blocks[0].mlp.W_out, weights["transformer.h.0.mlp.o.weight"].T)
+
+
+def test_2024_family_without_normalization(tmp_path):
+    config = config_2024(normalization=False, n_layer=2)
+    weights = weights_2024(n_layer=2, gains=False)
+    directory = write_checkpoint(tmp_path / "ckpt", config, weights)
+    model = HookedBilinearTransformer.from_pretrained(directory, tokenizer=False)
+    assert model.cfg.normalization_type is None
+    tokens = random_tokens(N_VOCAB, n_pos=8)
+    torch.testing.assert_close(model(tokens), reference_logits(config, weights, tokens, mlp_out="o"),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_attention2_is_refused(tmp_path):
+    directory = write_checkpoint(tmp_path / "ckpt", papers_config(attention2=True), papers_weights(False))
+    with pytest.raises(CheckpointError, match="attention2=true"):
+        HookedBilinearTransformer.from_pretrained(directory, tokenizer=False)
+
+
+@pytest.mark.parametrize("named, repo, pad", [("ss-4096", "tdooms/ss-tokenizer-4096", "[EOS]"),
+                                              ("ts-4096", "tdooms/ts-tokenizer-4096", "[EOS]"),
+                                              ("gpt2", "openai-community/gpt2", "<|endoftext|>")])
+def test_named_tokenizers_get_the_authors_pad_token_and_right_padding(named, repo, pad, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_from_pretrained(name, **settings):
+        calls.append((name, settings))
+        raise OSError("offline (test)")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", fake_from_pretrained)
+    directory = write_checkpoint(tmp_path / "ckpt", papers_config(tokenizer=named), papers_weights(False))
+    with pytest.warns(UserWarning, match="could not load tokenizer"):
+        HookedBilinearTransformer.from_pretrained(directory)
+    assert calls == [(repo, {"pad_token": pad, "padding_side": "right"})]
+
+
+def test_tokenizer_in_the_folder_gets_pad_token_and_side(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(N_VOCAB - 3)}}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    directory = write_checkpoint(tmp_path / "ckpt", papers_config(tokenizer="ts-4096"), papers_weights(False))
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="[EOS]",
+                            padding_side="left").save_pretrained(directory)
+    model = HookedBilinearTransformer.from_pretrained(directory)
+    assert model.tokenizer.pad_token == "[EOS]" and model.tokenizer.pad_token_id == 2
+    assert model.tokenizer.padding_side == "right"
