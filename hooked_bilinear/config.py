@@ -72,6 +72,15 @@ class HookedBilinearConfig(TransformerLensConfig):
     tie_embeddings: bool = False
     attn_out_scale: float = 1.0  # multiplies each attention layer's output (1/sqrt(2 n_layers) in ts-*)
 
+    # TransformerLens's optional hook points and views (toggle with model.set_use_*; all off by default,
+    # as in TransformerLens, because each costs memory). use_attn_result / use_split_qkv_input /
+    # attn_only come from TransformerLensConfig.
+    use_attn_in: bool = False  # blocks.{l}.hook_attn_in: the residual copied per head
+    use_hook_mlp_in: bool = False  # blocks.{l}.hook_mlp_in: the residual the MLP's norm reads
+    use_hook_tokens: bool = False  # hook_tokens: the token ids, before the embedding
+    ungroup_grouped_query_attention: bool = False  # hook_k/hook_v with n_heads heads (keys repeated)
+    d_vocab_out: int = -1  # logits width; -1 means d_vocab (TransformerLens's name)
+
     init_scheme: str = "normal"  # "scaled_normal" shrinks output projections by 1/sqrt(2 n_layers)
     initializer_range: float = 0.02
     seed: Optional[int] = None
@@ -93,6 +102,8 @@ class HookedBilinearConfig(TransformerLensConfig):
             self.n_key_value_heads = self.n_heads
         if self.rotary_dim is None:
             self.rotary_dim = self.d_head
+        if self.d_vocab_out == -1:
+            self.d_vocab_out = self.d_vocab
         self._validate()
         super().__post_init__()
         # Fields TransformerLens derives from the normalization type.
@@ -131,6 +142,11 @@ class HookedBilinearConfig(TransformerLensConfig):
             raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and at most d_head ({self.d_head})")
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(f"init_scheme {self.init_scheme!r} is unknown; use one of {INIT_SCHEMES}")
+        if self.d_vocab_out != self.d_vocab:
+            raise ValueError(
+                f"d_vocab_out ({self.d_vocab_out}) must equal d_vocab ({self.d_vocab}): the unembedding reads the "
+                "same vocabulary the embedding writes; leave d_vocab_out at -1"
+            )
         if self.eps <= 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
 

@@ -19,7 +19,8 @@ def _gain_and_bias(norm: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]
 
 
 def _ensure_bias(module: nn.Module, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    if getattr(module, name) is None:
+    if not isinstance(getattr(module, name), nn.Parameter):  # None, or a zero stand-in buffer
+        module._buffers.pop(name, None)
         setattr(module, name, nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device)))
     return getattr(module, name)
 

@@ -15,6 +15,7 @@ adds the model itself, clear errors for bad input, and `ActivationCache` results
 from __future__ import annotations
 
 import difflib
+from collections import namedtuple
 from contextlib import contextmanager
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -24,16 +25,33 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from .activation_cache import make_activation_cache
 from .components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from .config import HookedBilinearConfig
 from .kv_cache import KVCache
+from .processing import ProcessingMixin
+from .tl_api import TransformerLensAPIMixin
 from .tokens import TokenizerMixin
 from .weights import WeightViewsMixin
 
 TextOrTokens = Union[str, Sequence[str], Tensor]
+Output = namedtuple("Output", ["logits", "loss"])  # return_type="both", as in TransformerLens
 
 
-class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModule):
+def is_transformer_lens_cache(cache: Any) -> bool:
+    """TransformerLens's `TransformerLensKeyValueCache` (duck-typed: the class moved between versions)."""
+    return cache is not None and hasattr(cache, "entries") and hasattr(cache, "append_attention_mask")
+
+
+def _layer_cache(cache: Any, layer: int) -> Any:
+    if cache is None:
+        return None
+    return cache.entries[layer] if is_transformer_lens_cache(cache) else cache.layers[layer]
+
+
+class HookedBilinearTransformer(
+    WeightViewsMixin, TokenizerMixin, TransformerLensAPIMixin, ProcessingMixin, HookedRootModule
+):
     """A hooked transformer whose MLPs are `act(x W_gate) * (x W_in)` then `W_out`.
 
     >>> cfg = HookedBilinearConfig(d_model=64, d_head=16, n_layers=2, n_ctx=32, d_vocab=100)
@@ -47,6 +65,8 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
         cfg = self.cfg
         self.tokenizer = tokenizer
 
+        if cfg.use_hook_tokens:
+            self.hook_tokens = HookPoint()  # [batch, pos] token ids
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         if cfg.positional_embedding_type == "standard":
@@ -89,15 +109,16 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
         input: TextOrTokens,
         return_type: Optional[Literal["logits", "loss", "both"]] = "logits",
         loss_per_token: bool = False,
-        attention_mask: Optional[Tensor] = None,
-        start_at_layer: Optional[int] = None,
-        stop_at_layer: Optional[int] = None,
-        tokens: Optional[Tensor] = None,
-        past_kv_cache: Optional[KVCache] = None,
         prepend_bos: Optional[bool] = None,
         padding_side: Optional[Literal["left", "right"]] = None,
+        start_at_layer: Optional[int] = None,
+        tokens: Optional[Tensor] = None,
+        shortformer_pos_embed: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        stop_at_layer: Optional[int] = None,
+        past_kv_cache: Any = None,
     ) -> Any:
-        """Run the model.
+        """Run the model (TransformerLens's arguments, in its order).
 
         input: token ids [batch, pos], a string or list of strings (needs a tokenizer), or, with
             `start_at_layer`, the residual stream [batch, pos, d_model] entering that layer (pass
@@ -106,11 +127,15 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
             Positions count real tokens only, so a left-padded sequence gives the same logits as
             the unpadded one.
         stop_at_layer: return the residual stream entering this layer instead of logits.
+        past_kv_cache: this library's `KVCache` or TransformerLens's `TransformerLensKeyValueCache`.
         Returns logits [batch, pos, d_vocab], the loss (a scalar, or [batch, pos - 1] with
-        `loss_per_token`), both as (logits, loss), or None.
+        `loss_per_token`, zero where the target is padding), both as (logits, loss), or None (the
+        final norm still runs, so its hooks fire, as in TransformerLens).
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        if shortformer_pos_embed is not None:
+            raise ValueError("shortformer positional embeddings are not supported: this model adds positions to the residual")
         n_layers = self.cfg.n_layers
         start = 0 if start_at_layer is None else start_at_layer + (n_layers if start_at_layer < 0 else 0)
         stop = n_layers if stop_at_layer is None else stop_at_layer + (n_layers if stop_at_layer < 0 else 0)
@@ -118,65 +143,86 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
             raise ValueError(f"need 0 <= start_at_layer ({start}) <= stop_at_layer ({stop}) <= n_layers ({n_layers})")
 
         if start_at_layer is None:
-            if not isinstance(input, Tensor):
-                tokens, text_mask = self.to_tokens_and_mask(input, prepend_bos=prepend_bos, padding_side=padding_side)
-                attention_mask = text_mask if attention_mask is None else attention_mask
-            else:
-                tokens = input
-            tokens = self._check_tokens(tokens)
-            batch, n_pos = tokens.shape
+            residual, tokens, attention_mask, where = self._embed(
+                input, prepend_bos, padding_side, attention_mask, past_kv_cache
+            )
         else:
             residual = input
-            batch, n_pos = residual.shape[:2]
-
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.W_E.device)
-            if attention_mask.shape != (batch, n_pos) and past_kv_cache is None:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, n_pos)}")
-        positions, key_mask = self._positions(batch, n_pos, attention_mask, past_kv_cache)
-
-        if start_at_layer is None:
-            residual = self.hook_embed(self.embed(tokens))
-            if self.pos_embed is not None:
-                residual = residual + self.hook_pos_embed(self.pos_embed(positions))
+            where = self._positions(residual.shape[0], residual.shape[1], attention_mask, past_kv_cache)
+        positions, key_mask, key_positions = where
         for layer in range(start, stop):
-            layer_cache = past_kv_cache.layers[layer] if past_kv_cache is not None else None
-            residual = self.blocks[layer](residual, positions, key_mask, layer_cache)
+            layer_cache = _layer_cache(past_kv_cache, layer)
+            residual = self.blocks[layer](residual, positions, key_mask, layer_cache, key_positions)
         if stop_at_layer is not None:
             return residual
+        normalized = self.ln_final(residual)
         if return_type is None:
             return None
-        logits = self.unembed(self.ln_final(residual))
+        logits = self.unembed(normalized)
         if return_type == "logits":
             return logits
         if tokens is None:
             raise ValueError("a loss needs the token ids: pass tokens=... together with start_at_layer")
-        loss = self.loss_from_logits(logits, tokens, attention_mask, per_token=loss_per_token)
-        return loss if return_type == "loss" else (logits, loss)
+        loss = self.loss_fn(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else Output(logits, loss)
+
+    def input_to_embed(
+        self,
+        input: TextOrTokens,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[Literal["left", "right"]] = None,
+        attention_mask: Optional[Tensor] = None,
+        past_kv_cache: Any = None,
+    ) -> tuple[Tensor, Tensor, None, Optional[Tensor]]:
+        """TransformerLens's first step: (residual [batch, pos, d_model], tokens [batch, pos],
+        shortformer_pos_embed (always None here), attention_mask [batch, pos] or None)."""
+        residual, tokens, attention_mask, _ = self._embed(input, prepend_bos, padding_side, attention_mask, past_kv_cache)
+        return residual, tokens, None, attention_mask
+
+    def _embed(self, input, prepend_bos, padding_side, attention_mask, past_kv_cache):
+        """Tokenize if needed, embed, add positions: (residual, tokens, attention_mask, (positions,
+        key_mask, key_positions))."""
+        if not isinstance(input, Tensor):
+            tokens, text_mask = self.to_tokens_and_mask(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            attention_mask = text_mask if attention_mask is None else attention_mask
+        else:
+            tokens = input
+        tokens = self._check_tokens(tokens)
+        where = self._positions(tokens.shape[0], tokens.shape[1], attention_mask, past_kv_cache)
+        if self.cfg.use_hook_tokens:
+            tokens = self.hook_tokens(tokens)
+        residual = self.hook_embed(self.embed(tokens))
+        if self.pos_embed is not None:
+            residual = residual + self.hook_pos_embed(self.pos_embed(where[0]))
+        return residual, tokens, attention_mask, where
 
     @staticmethod
     def loss_from_logits(
         logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None, per_token: bool = False
     ) -> Tensor:
-        """Next-token cross-entropy. logits [batch, pos, d_vocab], tokens [batch, pos] -> scalar or
-        [batch, pos - 1]; targets at padding positions are left out of the mean."""
-        # cross_entropy fuses log-softmax and the gather, which matters for backward at large vocabularies.
-        targets = tokens[:, 1:].to(logits.device)
-        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        if per_token:
-            return nll
-        if attention_mask is None:
-            return nll.mean()
-        keep = attention_mask[:, 1:].to(nll.dtype) * attention_mask[:, :-1].to(nll.dtype)
-        return (nll * keep).sum() / keep.sum().clamp(min=1)
+        """Next-token cross-entropy; see `loss_fn` (the same, callable without a model)."""
+        return TransformerLensAPIMixin.loss_fn(None, logits, tokens, attention_mask, per_token)
 
     def _positions(
-        self, batch: int, n_pos: int, attention_mask: Optional[Tensor], cache: Optional[KVCache]
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        """Absolute positions [batch, pos] and the key mask [batch, key_pos] (None: no padding)."""
+        self, batch: int, n_pos: int, attention_mask: Optional[Tensor], cache: Any
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Absolute positions [batch, pos], the key mask [batch, key_pos] (None: no padding) and,
+        for TransformerLens's cache (which keeps keys unrotated), every key's position."""
         device = self.W_E.device
-        past = cache.length if cache is not None else 0
-        if cache is not None:
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+            if attention_mask.shape != (batch, n_pos) and cache is None:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, n_pos)}")
+        key_positions = None
+        if is_transformer_lens_cache(cache):
+            past = cache.entries[0].past_keys.shape[1] if cache.entries else 0
+            new = torch.ones(batch, n_pos, dtype=torch.long, device=device) if attention_mask is None else attention_mask
+            full = cache.append_attention_mask(new.long()).to(device)
+            key_mask = None if bool(full.all()) else full.bool()
+            key_positions = (full.long().cumsum(-1) - 1).clamp(min=0)
+            positions = key_positions[:, -n_pos:]
+        elif cache is not None:
+            past = cache.length
             key_mask = cache.extend_mask(attention_mask, batch, n_pos, device)
             if key_mask is None:
                 positions = torch.arange(cache.length, cache.length + n_pos, device=device).expand(batch, -1)
@@ -184,9 +230,11 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
                 positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_pos:]
             cache.length += n_pos
         elif attention_mask is not None:
+            past = 0
             key_mask = attention_mask.bool()
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         else:
+            past = 0
             key_mask = None
             positions = torch.arange(n_pos, device=device).expand(batch, -1)
         # The bound needs no device sync; only a sequence that might be too long pays for the exact max.
@@ -196,7 +244,7 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
                 f"sequence reaches position {int(positions.max())} but the model's context is n_ctx={self.cfg.n_ctx}; "
                 f"truncate the input (e.g. tokens[:, -{self.cfg.n_ctx}:]) or generate fewer tokens"
             )
-        return positions, key_mask
+        return positions, key_mask, key_positions
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
         if tokens.ndim == 1:
@@ -256,7 +304,7 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if not return_cache_object:
             return out, cache_dict
-        return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, make_activation_cache(cache_dict, self, has_batch_dim=not remove_batch_dim)
 
     # --- other entry points (each lives in its own module) -------------------------------------
 
@@ -289,13 +337,54 @@ class HookedBilinearTransformer(WeightViewsMixin, TokenizerMixin, HookedRootModu
 
     @classmethod
     def from_pretrained(
-        cls, name_or_dir: str, device: Optional[str] = None, dtype: Any = None, **kwargs: Any
+        cls,
+        name_or_dir: str,
+        device: Optional[str] = None,
+        dtype: Any = None,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        refactor_factored_attn_matrices: bool = False,
+        fold_value_biases: bool = False,
+        default_prepend_bos: Optional[bool] = None,
+        default_padding_side: Optional[Literal["left", "right"]] = None,
+        move_to_device: bool = True,
+        n_devices: int = 1,
+        **kwargs: Any,
     ) -> "HookedBilinearTransformer":
         """Load this project's format, a Hugging Face Llama checkpoint, or a published bilinear
-        checkpoint (tdooms/ts-*), from a local folder or a hub id; see `hooked_bilinear.loading`."""
+        checkpoint (tdooms/ts-*), from a local folder or a hub id; see `hooked_bilinear.loading`.
+
+        Takes TransformerLens's processing flags, but every one defaults to False (TransformerLens
+        folds and centres by default): checkpoints load exactly as saved, so training can resume
+        from them. Pass fold_ln=True etc., or call `process_weights_()`, for TransformerLens's
+        processed weights. Any processing also folds the attention-output scale into W_O."""
         from .loading import load_pretrained
 
-        return load_pretrained(name_or_dir, device=device, dtype=dtype, **kwargs)
+        if n_devices != 1:
+            raise ValueError(f"n_devices={n_devices}: one model on several devices is not supported; use device=")
+        model = load_pretrained(name_or_dir, device=device if move_to_device else "cpu", dtype=dtype, **kwargs)
+        if default_prepend_bos is not None:
+            model.cfg.default_prepend_bos = default_prepend_bos
+        if default_padding_side is not None and model.tokenizer is not None:
+            model.tokenizer.padding_side = default_padding_side
+        if fold_ln or center_writing_weights or center_unembed or refactor_factored_attn_matrices or fold_value_biases:
+            model.process_weights_(
+                fold_ln=fold_ln,
+                center_writing_weights=center_writing_weights,
+                center_unembed=center_unembed,
+                refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+                fold_value_biases=fold_value_biases,
+            )
+        return model
+
+    @classmethod
+    def from_pretrained_no_processing(cls, name_or_dir: str, **kwargs: Any) -> "HookedBilinearTransformer":
+        """`from_pretrained` with every processing step off (here the same as its defaults)."""
+        for flag in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                     "refactor_factored_attn_matrices"):
+            kwargs.setdefault(flag, False)
+        return cls.from_pretrained(name_or_dir, **kwargs)
 
     def save_pretrained(self, directory: str, format: Literal["native", "hf"] = "native") -> None:
         """Write `config.json` + `model.safetensors` (+ tokenizer); format="hf" writes a Llama checkpoint."""

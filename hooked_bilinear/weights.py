@@ -39,6 +39,11 @@ class WeightViewsMixin:
         return self.pos_embed.W_pos
 
     @property
+    def W_E_pos(self) -> Tensor:
+        """[d_vocab + n_ctx, d_model]: token and position embeddings stacked (a basis of the input space)."""
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    @property
     def W_U(self) -> Tensor:
         """[d_model, d_vocab]"""
         return self.unembed.W_U
@@ -101,35 +106,40 @@ class WeightViewsMixin:
         return FactoredMatrix(self.W_V, self.W_O)
 
     # --- MLPs -----------------------------------------------------------------------------
+    def _mlps(self) -> list:
+        if self.cfg.attn_only:
+            raise AttributeError("this model is attn_only: it has no MLP weights")
+        return [b.mlp for b in self.blocks]
+
     @property
     def W_gate(self) -> Tensor:
         """[n_layers, d_model, d_mlp]: the left factor (hook_pre)"""
-        return torch.stack([b.mlp.W_gate for b in self.blocks])
+        return torch.stack([mlp.W_gate for mlp in self._mlps()])
 
     @property
     def W_in(self) -> Tensor:
         """[n_layers, d_model, d_mlp]: the right factor (hook_pre_linear)"""
-        return torch.stack([b.mlp.W_in for b in self.blocks])
+        return torch.stack([mlp.W_in for mlp in self._mlps()])
 
     @property
     def W_out(self) -> Tensor:
         """[n_layers, d_mlp, d_model]"""
-        return torch.stack([b.mlp.W_out for b in self.blocks])
+        return torch.stack([mlp.W_out for mlp in self._mlps()])
 
     @property
     def b_gate(self) -> Tensor:
         """[n_layers, d_mlp]"""
-        return self._stack(lambda b: b.mlp.b_gate, (self.cfg.d_mlp,))
+        return self._stack(lambda b: b.mlp.b_gate if hasattr(b, 'mlp') else None, (self.cfg.d_mlp,))
 
     @property
     def b_in(self) -> Tensor:
         """[n_layers, d_mlp]"""
-        return self._stack(lambda b: b.mlp.b_in, (self.cfg.d_mlp,))
+        return self._stack(lambda b: b.mlp.b_in if hasattr(b, 'mlp') else None, (self.cfg.d_mlp,))
 
     @property
     def b_out(self) -> Tensor:
         """[n_layers, d_model]"""
-        return self._stack(lambda b: b.mlp.b_out, (self.cfg.d_model,))
+        return self._stack(lambda b: b.mlp.b_out if hasattr(b, 'mlp') else None, (self.cfg.d_model,))
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
         """Sum of the biases written to the residual stream before `layer`'s attention (or its MLP

@@ -1,7 +1,8 @@
 """Causal self-attention with grouped-query heads, rotary or learned positions and a KV cache.
 
 Hook points follow TransformerLens: hook_q/k/v (before rotation), hook_rot_q/k, hook_attn_scores
-(scaled and masked, before softmax), hook_pattern, hook_z. When nothing hooks the scores or the
+(scaled and masked, before softmax), hook_pattern, hook_z, and hook_result (each head's output,
+only with `cfg.use_attn_result`). When nothing hooks the scores or the
 pattern, attention runs through `scaled_dot_product_attention` and never forms them; otherwise it
 runs the explicit path so those hooks see (and may edit) the real tensors. Both give equal results.
 """
@@ -16,6 +17,7 @@ import einops
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from ..config import HookedBilinearConfig
@@ -66,6 +68,7 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, n_heads, query_pos, key_pos]
         self.hook_pattern = HookPoint()  # [batch, n_heads, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, n_heads, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, n_heads, d_model]; fires with cfg.use_attn_result
 
     # Per-head views repeat the shared keys/values, as TransformerLens does for grouped-query attention.
     @property
@@ -84,6 +87,16 @@ class Attention(nn.Module):
     def b_V(self) -> Optional[Tensor]:
         return None if self._b_V is None else self._repeat_kv(self._b_V)
 
+    @property
+    def QK(self) -> FactoredMatrix:
+        """[n_heads, d_model, d_model] as W_Q @ W_K^T (positions not included)."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """[n_heads, d_model, d_model] as W_V @ W_O, attention-output scale included."""
+        return FactoredMatrix(self.W_V, self.W_O * self.cfg.attn_out_scale)
+
     def _repeat_kv(self, t: Tensor, dim: int = 0) -> Tensor:
         group = self.cfg.n_heads // self.cfg.n_key_value_heads
         return t if group == 1 else t.repeat_interleave(group, dim=dim)
@@ -94,31 +107,34 @@ class Attention(nn.Module):
         positions: Tensor,
         key_mask: Optional[Tensor] = None,
         kv_cache: Optional[LayerKVCache] = None,
+        key_input: Optional[Tensor] = None,
+        value_input: Optional[Tensor] = None,
+        key_positions: Optional[Tensor] = None,
     ) -> Tensor:
-        """x: [batch, pos, d_model]; positions: [batch, pos]; key_mask: [batch, key_pos] bool
-        (False at padding, covering cached and new positions) -> [batch, pos, d_model]."""
-        # One matmul for queries, keys and values: the per-head weight layout [head, d_model, d_head]
-        # is TransformerLens's, but a single [d_model, (heads) d_head] GEMM is what is fast.
-        W_qkv = torch.cat([einops.rearrange(W, "h d k -> d (h k)") for W in (self.W_Q, self._W_K, self._W_V)], dim=1)
-        qkv = x @ W_qkv
-        n_q, n_kv = self.cfg.n_heads * self.cfg.d_head, self.cfg.n_key_value_heads * self.cfg.d_head
-        q, k, v = qkv.split([n_q, n_kv, n_kv], dim=-1)
-        q = q.unflatten(-1, (self.cfg.n_heads, self.cfg.d_head))
-        k = k.unflatten(-1, (self.cfg.n_key_value_heads, self.cfg.d_head))
-        v = v.unflatten(-1, (self.cfg.n_key_value_heads, self.cfg.d_head))
-        if self.b_Q is not None:
-            q, k, v = q + self.b_Q, k + self._b_K, v + self._b_V
+        """x: [batch, pos, d_model], or the per-head query input [batch, pos, n_heads, d_model] (with
+        `key_input`/`value_input` [batch, pos, kv_heads, d_model], TransformerLens's split inputs);
+        positions: [batch, pos]; key_mask: [batch, key_pos] bool (False at padding, covering cached
+        and new positions); kv_cache: ours, or a TransformerLens `TransformerLensKeyValueCacheEntry`
+        (which stores keys before rotation, so `key_positions` [batch, key_pos] must come with it)
+        -> [batch, pos, d_model]."""
+        q, k, v = self._project_qkv(x, key_input, value_input)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        tl_entry = kv_cache is not None and hasattr(kv_cache, "past_keys")
+        if tl_entry:
+            # TransformerLens's cache: append the unrotated keys, then rotate all of them.
+            past = kv_cache.past_keys.shape[1]
+            k, v = kv_cache.append(k, v)
         if self.rotary is not None:
             q = self.hook_rot_q(self.rotary(q, positions))
-            k = self.hook_rot_k(self.rotary(k, positions))
-        if kv_cache is not None:
+            k = self.hook_rot_k(self.rotary(k, key_positions if tl_entry else positions))
+        if kv_cache is not None and not tl_entry:
             past = 0 if kv_cache.k is None else kv_cache.k.shape[1]
             k, v = kv_cache.extend(k, v)
-        else:
+        elif not tl_entry:
             past = 0
         mask = self._attention_mask(q.shape[1], k.shape[1], past, key_mask, x.device)
 
+        grouped = k.shape[2] != q.shape[2]
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
             z = self._explicit_attention(q, k, v, mask)
         else:
@@ -129,13 +145,54 @@ class Attention(nn.Module):
                 attn_mask=mask,
                 is_causal=mask is None and q.shape[1] > 1,
                 scale=self.scale,
-                enable_gqa=self.cfg.n_key_value_heads != self.cfg.n_heads,
+                enable_gqa=grouped,
             ).transpose(1, 2)
         z = self.hook_z(z)
+        scale = self.cfg.attn_out_scale
+        if self.cfg.use_attn_result:
+            # Each head's write to the residual stream, scale included: [batch, pos, n_heads, d_model].
+            result = self.hook_result(torch.einsum("bphk,hkd->bphd", z, self.W_O * scale))
+            out = result.sum(-2)
+            return out + self.b_O * scale if self.b_O is not None else out
         out = einops.rearrange(z, "b p h k -> b p (h k)") @ einops.rearrange(self.W_O, "h k d -> (h k) d")
         if self.b_O is not None:
             out = out + self.b_O
-        return out * self.cfg.attn_out_scale if self.cfg.attn_out_scale != 1.0 else out
+        return out * scale if scale != 1.0 else out
+
+    def _project_qkv(
+        self, x: Tensor, key_input: Optional[Tensor], value_input: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries [batch, pos, n_heads, d_head]; keys and values with n_key_value_heads heads, or
+        n_heads when `cfg.ungroup_grouped_query_attention` (TransformerLens's layout for hooks)."""
+        ungroup = self.cfg.ungroup_grouped_query_attention
+        if x.ndim == 4:  # per-head inputs (use_attn_in / use_split_qkv_input)
+            key_input = x if key_input is None else key_input
+            value_input = x if value_input is None else value_input
+            W_K, W_V = (self.W_K, self.W_V) if key_input.shape[2] == self.cfg.n_heads else (self._W_K, self._W_V)
+            q = torch.einsum("bphd,hdk->bphk", x, self.W_Q)
+            k = torch.einsum("bphd,hdk->bphk", key_input, W_K)
+            v = torch.einsum("bphd,hdk->bphk", value_input, W_V)
+            if self.b_Q is not None:
+                grouped_bias = W_K.shape[0] != self.cfg.n_heads
+                q = q + self.b_Q
+                k = k + (self._b_K if grouped_bias else self.b_K)
+                v = v + (self._b_V if grouped_bias else self.b_V)
+        else:
+            # One matmul for queries, keys and values: the per-head weight layout [head, d_model, d_head]
+            # is TransformerLens's, but a single [d_model, (heads) d_head] GEMM is what is fast.
+            Ws = (self.W_Q, self._W_K, self._W_V)
+            W_qkv = torch.cat([einops.rearrange(W, "h d k -> d (h k)") for W in Ws], dim=1)
+            qkv = x @ W_qkv
+            n_q, n_kv = self.cfg.n_heads * self.cfg.d_head, self.cfg.n_key_value_heads * self.cfg.d_head
+            q, k, v = qkv.split([n_q, n_kv, n_kv], dim=-1)
+            q = q.unflatten(-1, (self.cfg.n_heads, self.cfg.d_head))
+            k = k.unflatten(-1, (self.cfg.n_key_value_heads, self.cfg.d_head))
+            v = v.unflatten(-1, (self.cfg.n_key_value_heads, self.cfg.d_head))
+            if self.b_Q is not None:
+                q, k, v = q + self.b_Q, k + self._b_K, v + self._b_V
+        if ungroup and k.shape[2] != self.cfg.n_heads:
+            k, v = self._repeat_kv(k, dim=2), self._repeat_kv(v, dim=2)
+        return q, k, v
 
     @staticmethod
     def _attention_mask(
@@ -153,7 +210,8 @@ class Attention(nn.Module):
         return allowed
 
     def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        k, v = self._repeat_kv(k, dim=2), self._repeat_kv(v, dim=2)
+        if k.shape[2] != q.shape[2]:
+            k, v = self._repeat_kv(k, dim=2), self._repeat_kv(v, dim=2)
         scores = torch.einsum("bqhk,bshk->bhqs", q, k) * self.scale
         if mask is None:
             mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()[None, None]

@@ -38,7 +38,12 @@ class Unembed(nn.Module):
         if tied_to is None:
             self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))
         self._tied_to = [tied_to] if tied_to is not None else None  # a list: not registered twice
-        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype)) if cfg.unembed_bias else None
+        if cfg.unembed_bias:
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
+        else:
+            # TransformerLens always has a b_U; a zero buffer keeps code that reads it working without
+            # adding a tensor to checkpoints (not persistent) or a term to the forward pass.
+            self.register_buffer("b_U", torch.zeros(cfg.d_vocab, dtype=cfg.dtype), persistent=False)
         self.hook_in = HookPoint()  # [batch, pos, d_model]
         self.hook_out = HookPoint()  # [batch, pos, d_vocab]
 
@@ -51,4 +56,4 @@ class Unembed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [batch, pos, d_model] -> logits [batch, pos, d_vocab]."""
         logits = self.hook_in(x) @ self.W_U
-        return self.hook_out(logits + self.b_U if self.b_U is not None else logits)
+        return self.hook_out(logits + self.b_U if isinstance(self.b_U, nn.Parameter) else logits)

@@ -2,8 +2,10 @@
 
 `hook_scale` is the divisor (`sqrt(mean(x^2) + eps)` for RMS, the standard deviation for LN), so
 `ActivationCache.apply_ln_to_stack` can divide any slice of the residual stream by it.
-`hook_normalized` is what the next layer reads: the normalized input times the gain (plus the LN
-bias). After `fold_layer_norm()` the gains are ones and both readings agree.
+`hook_normalized` is `x / scale` (LN: centred first) BEFORE the gain and LN bias, exactly as in
+TransformerLens, so an SAE or probe trained on a TransformerLens model's `ln2.hook_normalized` reads
+the same thing here. The layer after the norm reads `hook_normalized * w (+ b)`; after
+`fold_layer_norm()` the gains are ones and the two agree.
 """
 
 from __future__ import annotations
@@ -28,18 +30,18 @@ class Norm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [batch, pos, d_model] -> [batch, pos, d_model]."""
+        """x: [batch, pos, d_model] (or [batch, pos, head, d_model] for per-head inputs) -> same shape."""
         dtype = x.dtype
         x = x.float()  # statistics in float32 even under bf16, as Hugging Face Llama does
         if self.kind == "LN":
             x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = (x / scale).to(dtype)
+        x = self.hook_normalized(x / scale).to(dtype)
         if self.w is not None:
             x = x * self.w
         if self.b is not None:
             x = x + self.b
-        return self.hook_normalized(x)
+        return x
 
 
 def make_norm(cfg: HookedBilinearConfig) -> nn.Module:

@@ -74,13 +74,16 @@ def test_apply_ln_to_stack_and_logit_attrs_reproduce_logits(model_and_cache):
         const = const + model.ln_final.b @ model.W_U[:, target]
     expected = logits[torch.arange(2), -1, target] - const
     torch.testing.assert_close(attrs.sum(0), expected, **ATOL)
-    # apply_ln_to_stack at the final layer divides by the cached scale (and centres for LN)
+    # apply_ln_to_stack at the final layer divides by the cached scale (and centres for LN): its sum
+    # is hook_normalized, which (as in TransformerLens) is taken before the gain and bias
     scaled = cache.apply_ln_to_stack(full, layer=-1)
     normalized = cache["ln_final.hook_normalized"]
+    torch.testing.assert_close(scaled.sum(0), normalized, **ATOL)
     w = getattr(model.ln_final, "w", None)
     b = getattr(model.ln_final, "b", None)
-    reconstructed = scaled.sum(0) * (w if w is not None else 1) + (b if b is not None else 0)
-    torch.testing.assert_close(reconstructed, normalized, **ATOL)
+    if w is not None:  # and what the unembedding reads is that times the gain (plus the bias)
+        unembed_in = cache["unembed.hook_in"]
+        torch.testing.assert_close(normalized * w + (b if b is not None else 0), unembed_in, **ATOL)
 
 
 def test_cache_options(tiny_model):

@@ -29,7 +29,10 @@ def test_hook_names_and_execution_order(tiny_model):
     tokens = torch.randint(0, 48, (2, 6))
     tiny_model.run_with_hooks(tokens, fwd_hooks=[(lambda name: True, lambda x, hook: fired.append(hook.name))])
     assert fired == expected_hook_names(2)
-    assert list(tiny_model.hook_dict) == expected_hook_names(2)
+    # hook_dict also lists TransformerLens's optional points, which fire only when switched on
+    optional = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result", "hook_mlp_in")
+    assert [n for n in tiny_model.hook_dict if not n.endswith(optional)] == expected_hook_names(2)
+    assert len(tiny_model.hook_dict) == len(expected_hook_names(2)) + 2 * len(optional)
 
 
 def test_hook_shapes(tiny_model):
