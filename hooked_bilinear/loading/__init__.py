@@ -17,6 +17,7 @@ from .checks import CheckpointError, check_state_dict, read_weights
 from .hub import resolve_checkpoint
 from .llama import from_hf_llama, is_llama_config, load_hf_llama, save_hf_llama, to_hf_llama
 from .native import FORMAT_MARKER, is_native_config, load_native, save_native
+from .token_counts import read_token_counts
 
 __all__ = [
     "load_pretrained", "save_pretrained", "detect_format", "CheckpointError", "check_state_dict", "read_weights",
@@ -57,20 +58,26 @@ def load_pretrained(name_or_dir: str | Path, device: Optional[str] = None, dtype
 
     device: where to put it (None: CPU). dtype: None keeps the checkpoint's (float32 for the papers'
     format). tokenizer: True loads the checkpoint's own if it has one; False: none; a string: that
-    tokenizer folder or hub id; any other object is attached as is."""
+    tokenizer folder or hub id; any other object is attached as is. `model.token_counts` is read
+    from the folder's token_counts.json (None when absent)."""
     directory = resolve_checkpoint(name_or_dir)
     fmt = detect_format(directory)
     kwargs = dict(device=device, dtype=dtype, tokenizer=tokenizer)
     if fmt == "native":
-        return load_native(directory, **kwargs)
-    if fmt == "llama":
-        return load_hf_llama(directory, model_name=str(name_or_dir), **kwargs)
-    return load_papers(directory, model_name=str(name_or_dir), **kwargs)
+        model = load_native(directory, **kwargs)
+    elif fmt == "llama":
+        model = load_hf_llama(directory, model_name=str(name_or_dir), **kwargs)
+    else:
+        model = load_papers(directory, model_name=str(name_or_dir), **kwargs)
+    # A plain attribute (see token_counts.py): None when the checkpoint has no token_counts.json.
+    model.token_counts = read_token_counts(directory, model.cfg.d_vocab)
+    return model
 
 
 def save_pretrained(model: Any, directory: str | Path, format: Literal["native", "hf"] = "native") -> None:
     """Write `model` to `directory` atomically: format="native" (config.json + model.safetensors +
-    tokenizer) or "hf" (a LlamaForCausalLM checkpoint any Hugging Face tool can load)."""
+    tokenizer) or "hf" (a LlamaForCausalLM checkpoint any Hugging Face tool can load); both add
+    token_counts.json when `model.token_counts` is set."""
     if format == "native":
         save_native(model, directory)
     elif format in ("hf", "llama"):

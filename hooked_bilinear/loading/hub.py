@@ -92,8 +92,8 @@ def resolve_checkpoint(name_or_dir: str | Path) -> Path:
         first_missing = absolute.relative_to(existing).parts[0]
         present = sorted(p.name for p in existing.iterdir() if not p.name.startswith("."))
         raise FileNotFoundError(
-            f"no such folder: {absolute} ({existing} has no {first_missing!r}; it holds {present[:20]}"
-            f"{' ...' if len(present) > 20 else ''}); check the path (a local path is never looked up on the hub)"
+            f"no such folder: {absolute} ({existing} has no {first_missing!r}; it holds {present[:8]}"
+            f"{' ...' if len(present) > 8 else ''}); check the path (a local path is never looked up on the hub)"
         )
     from huggingface_hub import snapshot_download
 

@@ -285,12 +285,15 @@ def to_hf_llama(model: Any) -> Any:
 def save_hf_llama(model: Any, directory: str | Path) -> None:
     """Write `model` as a Hugging Face Llama checkpoint (+ tokenizer), atomically."""
     from .native import write_checkpoint_atomically
+    from .token_counts import token_counts_of, write_token_counts
 
+    counts = token_counts_of(model)
     hf_model = to_hf_llama(model)
 
     def write(tmp: Path) -> None:
         hf_model.save_pretrained(str(tmp))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
+        write_token_counts(counts, tmp)  # Hugging Face tools ignore it; from_pretrained reads it
 
     write_checkpoint_atomically(directory, write)

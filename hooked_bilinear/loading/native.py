@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 from ..config import HookedBilinearConfig, parse_dtype
 from .checks import pick_tokenizer, read_weights
 from .materialize import empty_model, fill_model
+from .token_counts import FILE_NAME as TOKEN_COUNTS_NAME
+from .token_counts import token_counts_of, write_token_counts
 
 FORMAT_MARKER = "hooked-bilinear"
 FORMAT_VERSION = 1
@@ -33,7 +35,7 @@ _CHECKPOINT_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
     "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-    "chat_template.*",
+    "chat_template.*", TOKEN_COUNTS_NAME,
 )
 
 
@@ -67,10 +69,12 @@ def write_checkpoint_atomically(directory: str | Path, write: Callable[[Path], N
 
 
 def save_native(model: Any, directory: str | Path) -> None:
-    """Write `config.json`, `model.safetensors` and the tokenizer (if any) to `directory`, atomically."""
+    """Write `config.json`, `model.safetensors`, the tokenizer and `model.token_counts` (those two if
+    present) to `directory`, atomically."""
     config = model.cfg.to_dict()
     config["device"] = None  # a checkpoint should load anywhere; the loader's `device=` decides
     config = {"format": FORMAT_MARKER, "format_version": FORMAT_VERSION, **config}
+    counts = token_counts_of(model)  # checked before anything is written
     # safetensors wants contiguous CPU tensors that share no memory.
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
 
@@ -78,6 +82,7 @@ def save_native(model: Any, directory: str | Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
+        write_token_counts(counts, tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
 
     write_checkpoint_atomically(directory, write)
