@@ -30,6 +30,11 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """Where checkpoint ``step`` of a run lives (complete or not)."""
+    return checkpoints_dir(run_dir) / f"step-{step:08d}"
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = checkpoints_dir(run_dir)
@@ -54,7 +59,7 @@ def save_checkpoint(
     resuming uses travels through accelerate's registered objects.
     """
     root = checkpoints_dir(run_dir)
-    final = root / f"step-{step:08d}"
+    final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-step-{step:08d}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # left by a run killed while saving

@@ -37,6 +37,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from training import stories
+from training.run_config import unknown_source_message
 from training.tokenizer import tokenizer_fingerprint
 
 # File extension -> `datasets` packaged builder.
@@ -124,6 +125,9 @@ def _resolve(source: str | Path | Mapping[str, Any] | None, split: str, cache_di
         files = _local_files(text)
         # A single file (or glob) is whatever split was asked for.
         return "files", (_builder_for(files), {split: files})
+    problem = unknown_source_message("dataset", text)
+    if problem is not None:  # refused here: load_dataset would try the hub (with retries) first
+        raise FileNotFoundError(problem)
     return "hub", text
 
 
@@ -326,3 +330,23 @@ def load_packed_dataset(
         source, split, streaming=streaming, text_column=text_column, cache_dir=cache_dir, **load_kwargs
     )
     return pack_dataset(ds, tokenizer, n_ctx, text_column=text_column, num_proc=num_proc)
+
+
+def token_counts(rows: Dataset | IterableDataset, d_vocab: int, *, max_rows: int | None = None,
+                 batch_size: int = 4096) -> "torch.Tensor":
+    """How often each token id occurs in packed ``rows`` (column ``input_ids``): LongTensor [d_vocab].
+
+    A ``Dataset`` is counted whole; an ``IterableDataset`` (a streamed, possibly hub-scale corpus) only
+    over its first ``max_rows`` rows. Ids >= ``d_vocab`` raise ``ValueError``.
+    """
+    import torch
+
+    counts = np.zeros(d_vocab, dtype=np.int64)
+    streamed = isinstance(rows, IterableDataset)
+    source = rows.take(max_rows) if streamed and max_rows is not None else rows
+    for batch in source.with_format("numpy").iter(batch_size=batch_size):
+        ids = np.asarray(batch["input_ids"]).ravel()
+        if ids.size and ids.max() >= d_vocab:
+            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary of {d_vocab}")
+        counts += np.bincount(ids, minlength=d_vocab)
+    return torch.from_numpy(counts)

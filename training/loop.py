@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 import math
-import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -43,15 +43,24 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import set_seed
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.accel import (  # noqa: F401  (re-exported: the loop's public set-up helpers)
+    deterministic_kernels,
+    distributed_state,
+    grad_accum_steps,
+    make_accelerator,
+    resolve_mixed_precision,
+)
+from training.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from training.interrupt import StopSignals, TrainingInterrupted
 from training.run_config import TrainConfig
+from training.run_folder import truncate_metrics
 
 NO_DECAY_PARAMS = ("embed.W_E", "pos_embed.W_pos")  # embedding tables: never decayed
 
@@ -75,45 +84,6 @@ class TrainState:
 
 
 # --- building blocks ----------------------------------------------------------------------------
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """"auto" -> "bf16" on a GPU that supports it, else "no" (CPU autocast buys nothing here)."""
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def grad_accum_steps(cfg: TrainConfig, num_processes: int) -> int:
-    return cfg.batch_size // (cfg.micro_batch_size * num_processes)
-
-
-def distributed_state() -> Any:
-    """accelerate's ``PartialState``; a multi-process launch on a machine without a GPU uses CPU
-    processes with the gloo backend (accelerate needs ACCELERATE_USE_CPU=1 for that: set it here, so
-    ``accelerate launch --multi_gpu --num_processes N`` works unchanged on a CPU machine)."""
-    from accelerate import PartialState
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
-    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
-
-
-def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
-    """An Accelerator with this config's precision and gradient accumulation.
-
-    ``sync_with_dataloader=False``: a step always spans exactly the accumulation count, even across
-    an epoch boundary, so step boundaries do not depend on where epochs end.
-    """
-    plugin = GradientAccumulationPlugin(
-        num_steps=grad_accum_steps(cfg, distributed_state().num_processes), sync_with_dataloader=False
-    )
-    return Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-        gradient_accumulation_plugin=plugin,
-        step_scheduler_with_optimizer=False,
-        **kwargs,
-    )
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -227,6 +197,7 @@ class Trainer:
         acc.register_for_checkpointing(self.scheduler)
         acc.register_for_checkpointing(self.state)
         self.eval_tokens = self._eval_tokens(eval_data, eval_rows)
+        self._saved_step: Optional[int] = None  # step of the newest checkpoint this run wrote or loaded
 
     @property
     def raw_model(self) -> Any:
@@ -342,7 +313,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         info = {"state": self.state.state_dict(), "total_steps": self.total_steps, "train": asdict(self.cfg)}
-        return save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.cfg.keep_last, info)
+        path = save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.cfg.keep_last, info)
+        self._saved_step = self.state.step
+        return path
 
     def resume(self, path: Optional[str | Path] = None) -> bool:
         """Load ``path`` or the run's latest checkpoint; False when there is none."""
@@ -350,6 +323,11 @@ class Trainer:
         if path is None:
             return False
         load_checkpoint(self.accelerator, path)
+        self._saved_step = self.state.step
+        if self.accelerator.is_main_process:
+            # Steps logged after this checkpoint (before a crash or interrupt) are replayed now: drop
+            # them so metrics.jsonl has each step once.
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         self.log_line(f"resumed from {path} at step {self.state.step} ({self.state.tokens_seen:,} tokens)")
         return True
 
@@ -369,7 +347,11 @@ class Trainer:
     # --- main loop ----------------------------------------------------------------------------
 
     def train(self, resume: bool | str | Path = False) -> TrainState:
-        """Train to ``total_steps``; ``resume``: True (latest checkpoint, if any) or a checkpoint path."""
+        """Train to ``total_steps``; ``resume``: True (latest checkpoint, if any) or a checkpoint path.
+
+        On SIGINT/SIGTERM the step in progress is finished, a checkpoint written (every process takes
+        part, the main process writes) and ``TrainingInterrupted`` raised (``training.interrupt``).
+        """
         acc, cfg = self.accelerator, self.cfg
         resumed = bool(resume) and self.resume(None if resume is True else resume)
         if not resumed:  # a fresh run's noise stream depends on the seed alone (one stream per process)
@@ -381,7 +363,8 @@ class Trainer:
         batches = self._micro_batches()
         self._window = [torch.zeros((), device=acc.device), 0, 0, time.perf_counter()]  # loss, steps, tokens, t0
         try:
-            with self.raw_model.hooks(fwd_hooks=hooks) if hooks else nullcontext():
+            with (self.raw_model.hooks(fwd_hooks=hooks) if hooks else nullcontext()), \
+                    deterministic_kernels(acc.device), StopSignals(announce=acc.is_main_process) as signals:
                 while self.state.step < self.total_steps:
                     self._call("on_step_start")
                     tokens_before = self.state.tokens_seen
@@ -391,10 +374,19 @@ class Trainer:
                     self._window[2] += self.state.tokens_seen - tokens_before
                     bar.update(1)
                     self._after_step(bar)
+                    if signals.agreed(acc):
+                        self._stop(signals.requested or signal.SIGTERM)
         finally:
             bar.close()
         self._call("on_train_end")
         return self.state
+
+    def _stop(self, signum: int) -> None:
+        """Checkpoint the finished step (unless ``_after_step`` just did) and raise ``TrainingInterrupted``."""
+        path = checkpoint_path(self.run_dir, self.state.step)
+        if self._saved_step != self.state.step:
+            path = self.save_checkpoint()
+        raise TrainingInterrupted(signum, self.state.step, path)
 
     def _after_step(self, bar: Any) -> None:
         """Log, evaluate and checkpoint as the config asks (on every process: these synchronise)."""

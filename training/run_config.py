@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import glob
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -268,6 +269,19 @@ def _looks_local(source: str) -> bool:
     return Path(source).suffix.lower() in (".txt", ".json", ".jsonl", ".parquet", ".csv")
 
 
+# Hub dataset ids are "owner/name"; anything else that is not an existing path cannot be loaded.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def unknown_source_message(key: str, source: str) -> Optional[str]:
+    """Why ``source`` is neither an existing path nor a plausible hub dataset id, or None if it may be one."""
+    if os.path.exists(os.path.expanduser(source)) or HUB_ID.match(source):
+        return None
+    return (f"{key}: {source!r} is not an existing file or folder, nor a hub dataset id of the form owner/name "
+            "(e.g. roneneldan/TinyStories); give the path of your data (.txt, .json, .jsonl, .parquet, .csv "
+            "files, a glob of them, or a folder)")
+
+
 def _check_exists(key: str, source: str) -> None:
     path = os.path.expanduser(source)
     found = glob.glob(path) if any(c in path for c in "*?[") else ([path] if os.path.exists(path) else [])
@@ -287,6 +301,8 @@ def validate_data(d: DataConfig) -> None:
     elif isinstance(d.dataset, str):
         if _looks_local(d.dataset):
             _check_exists("data.dataset", d.dataset)
+        elif (problem := unknown_source_message("data.dataset", d.dataset)) is not None:
+            raise RunConfigError(problem)
     elif d.dataset is not None:
         raise RunConfigError(f"data.dataset must be a path, a hub name or a {{split: path}} mapping, got {d.dataset!r}")
     if d.tokenizer is not None and str(d.tokenizer).startswith((".", "/", "~")):

@@ -342,6 +342,15 @@ CORPUS_DESCRIPTION = (
 )
 
 
+# The dataset card's YAML block: names the split files for `datasets.load_dataset(folder)` (without it
+# `datasets` would also scan `dataset/`) and keeps huggingface_hub from warning "Repo card metadata
+# block was not found" whenever the folder is loaded.
+CARD_METADATA = (
+    "---\nconfigs:\n- config_name: default\n  data_files:\n"
+    "  - split: train\n    path: train.jsonl\n  - split: validation\n    path: validation.jsonl\n---\n"
+)
+
+
 def write_corpus(out_dir: str | Path, n_train: int, n_valid: int, seed: int = 0) -> dict[str, Path]:
     """Write ``n_train``/``n_valid`` stories to ``out_dir`` and return the paths written.
 
@@ -367,7 +376,7 @@ def write_corpus(out_dir: str | Path, n_train: int, n_valid: int, seed: int = 0)
     dd.save_to_disk(str(paths["dataset"]))
     paths["readme"] = out / "README.md"
     paths["readme"].write_text(
-        CORPUS_DESCRIPTION + f"\nseed {seed}, {n_train} train / {n_valid} validation stories.\n",
+        CARD_METADATA + CORPUS_DESCRIPTION + f"\nseed {seed}, {n_train} train / {n_valid} validation stories.\n",
         encoding="utf-8",
     )
     return paths

@@ -1,7 +1,12 @@
 """``hooked-bilinear train``: pretrain a bilinear language model from a YAML run config.
 
-    hooked-bilinear train --config configs/tinystories-tiny.yaml [section.key=value ...] [--resume] [--out DIR]
-    accelerate launch --num_processes N -m training.cli train --config ...      (data-parallel)
+    hooked-bilinear train --config configs/tinystories-tiny.yaml [section.key=value ...] [--out DIR] [--overwrite]
+    hooked-bilinear train --resume --out DIR [train.max_steps=N ...]         (continue a run)
+    accelerate launch --num_processes N -m hooked_bilinear.cli train --config ...      (data-parallel)
+
+A folder that holds a run is never overwritten silently: a new run there needs --overwrite, and
+--resume continues the run as its saved RUN/run_config.yaml says (``training.run_folder``). Ctrl-C or
+SIGTERM stops at the next step with a checkpoint (``training.interrupt``); exit code 130 / 143.
 
 Steps: validate the config (all errors before any work) -> built-in corpus if no dataset is named ->
 tokenizer (trained on the training text and saved in RUN/tokenizer if none is named) -> packed
@@ -13,17 +18,31 @@ The unigram entropy of the validation tokens is logged as the baseline a model m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from training.run_config import RunConfig, RunConfigError, load_run_config
+from training.accel import LaunchError
+from training.interrupt import TrainingInterrupted
+from training.run_config import RunConfig, RunConfigError, build_run_config, load_run_config, read_config, validate
+from training.run_folder import (
+    apply_changes,
+    check_fresh,
+    checkpoint_step,
+    clear_run,
+    record_resume,
+    require_checkpoint,
+    resume_changes,
+    RunFolderError,
+    saved_config,
+    write_config,
+)
 
 RUN_CONFIG_NAME = "run_config.yaml"
 
@@ -31,38 +50,64 @@ RUN_CONFIG_NAME = "run_config.yaml"
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hooked-bilinear train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="run config YAML (default: RUN/run_config.yaml when resuming)")
+    parser.add_argument("--config", help="run config YAML (with --resume: optional; default RUN/run_config.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.n_layers=4 train.lr=3e-4")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--out", help="run directory (overrides run.out_dir)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start over")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after --out
 
 
-def resolve_config(args: argparse.Namespace, num_processes: int) -> tuple[RunConfig, Path]:
-    """The validated run config and the run directory; raises RunConfigError."""
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"run.out_dir={args.out}")
-    config = args.config
-    if config is None and args.resume and args.out and (Path(args.out) / RUN_CONFIG_NAME).is_file():
-        config = Path(args.out) / RUN_CONFIG_NAME  # resume with the run's own config
-    if config is None:
-        raise RunConfigError("--config is required (or --resume --out RUN for a run that saved its config)")
-    run = load_run_config(config, overrides, num_processes=num_processes)
-    return run, Path(run.run.out_dir)
+def _model_defaults() -> dict:
+    from hooked_bilinear import HookedBilinearConfig
+
+    return {f.name: f.default for f in dataclasses.fields(HookedBilinearConfig)
+            if f.init and f.default is not dataclasses.MISSING}
+
+
+def _complete(run: RunConfig) -> dict:
+    """The run's config with every model default filled in, for comparing a resume with the saved run."""
+    full = run.to_dict()
+    full["model"] = {k: v for k, v in {**_model_defaults(), **full["model"]}.items() if k != "d_vocab"}
+    return full
+
+
+def resolve_config(args: argparse.Namespace, num_processes: int) -> tuple[RunConfig, Path, dict]:
+    """The validated run config, the run directory and (on --resume) the accepted changes to the
+    saved config. Only reads files; raises RunConfigError (RunFolderError for run-folder problems)."""
+    overrides = list(args.overrides) + ([f"run.out_dir={args.out}"] if args.out else [])
+    if not args.resume:
+        if args.config is None:
+            raise RunConfigError("--config is required (or --resume --out RUN to continue a run)")
+        run = load_run_config(args.config, overrides, num_processes=num_processes)
+        return run, Path(run.run.out_dir), {}
+    if args.out is None and args.config is None:
+        raise RunConfigError("--resume needs the run folder: --resume --out RUN")
+    run_dir = Path(args.out) if args.out else Path(build_run_config(read_config(args.config, overrides)).run.out_dir)
+    saved = build_run_config(saved_config(run_dir, RUN_CONFIG_NAME, "train"))
+    requested = build_run_config(read_config(args.config or run_dir / RUN_CONFIG_NAME, overrides))
+    requested.run.out_dir = str(run_dir)
+    changes = resume_changes(_complete(saved), _complete(requested))
+    run = build_run_config(apply_changes(saved.to_dict(), {**changes, "run.out_dir": [None, str(run_dir)]}))
+    validate(run, num_processes)
+    require_checkpoint(run_dir, "train")
+    return run, run_dir, changes
 
 
 # --- data and tokenizer -------------------------------------------------------------------------
 
 
 def text_source(run: RunConfig) -> Any:
-    """The dataset source: the built-in corpus directory when none is named."""
+    """The dataset source: the built-in corpus's split files when none is named (named files load
+    through ``datasets``' json builder directly, without reading the folder's README as a dataset card)."""
     if run.data.dataset is not None:
         return run.data.dataset
     from training.data import builtin_corpus
 
     d = run.data
-    return str(builtin_corpus(n_train=d.n_train_stories, n_valid=d.n_valid_stories, seed=d.corpus_seed))
+    corpus = builtin_corpus(n_train=d.n_train_stories, n_valid=d.n_valid_stories, seed=d.corpus_seed)
+    return {split: str(corpus / f"{split}.jsonl") for split in ("train", "validation")}
 
 
 def _load_kwargs(run: RunConfig) -> dict:
@@ -133,25 +178,58 @@ def write_samples(model: Any, run: RunConfig, path: Path) -> list[str]:
     return samples
 
 
-def run_training(run: RunConfig, run_dir: Path, resume: bool = False, callbacks: list = ()) -> dict:
-    """Everything after config validation; returns the summary (also in RUN/summary.json)."""
+def prepare_run_folder(run: RunConfig, run_dir: Path, accelerator: Any, resume: bool, overwrite: bool,
+                       changes: dict) -> None:
+    """Check the folder on every process, then (main process) clear it or record the resume.
+
+    The checks finish on every process before anything is written, so a refused run changes nothing."""
+    if resume:
+        step = checkpoint_step(require_checkpoint(run_dir, "train"))
+    else:
+        check_fresh(run_dir, overwrite, "train")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if overwrite:
+            removed = clear_run(run_dir)
+            if removed:
+                print(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            if changes:
+                write_config(run_dir, RUN_CONFIG_NAME, run.to_dict())
+                print("resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+            record_resume(run_dir, step, changes)
+        else:
+            write_config(run_dir, RUN_CONFIG_NAME, run.to_dict())
+    accelerator.wait_for_everyone()
+
+
+def run_training(run: RunConfig, run_dir: Path, resume: bool = False, callbacks: list = (),
+                 overwrite: bool = False, changes: Optional[dict] = None) -> dict:
+    """Everything after config validation; returns the summary (also in RUN/summary.json).
+
+    Raises ``RunFolderError`` (before writing anything) when ``run_dir`` holds a run and neither
+    ``resume`` nor ``overwrite`` is set, and ``TrainingInterrupted`` when a signal stopped training.
+    """
     from accelerate.utils import set_seed
 
+    from training.data import token_counts
     from training.loop import Trainer, make_accelerator
 
     start = time.perf_counter()
     accelerator = make_accelerator(run.train)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     set_seed(run.train.seed, device_specific=True)  # per-process noise; init uses the model seed
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_CONFIG_NAME).write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+    prepare_run_folder(run, run_dir, accelerator, resume, overwrite, changes or {})
     source = text_source(run) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     source = source if source is not None else text_source(run)  # the corpus exists now
     tokenizer = get_tokenizer(run, source, run_dir, accelerator)
     train_rows, valid_rows = get_datasets(run, source, tokenizer, accelerator)
     model = build_model(run, tokenizer)
+    # How often each token occurs in the training text: saved with the model (save_pretrained writes
+    # it), so weight-based readouts can leave out tokens the model never saw (DESIGN.md section 5).
+    model.token_counts = token_counts(train_rows, model.cfg.d_vocab, max_rows=run.data.tokenizer_train_docs)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
         f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}")
@@ -179,16 +257,56 @@ def run_training(run: RunConfig, run_dir: Path, resume: bool = False, callbacks:
     return summary
 
 
+def finished_message(run: RunConfig, run_dir: Path) -> Optional[str]:
+    """Why a --resume has nothing to do (the newest checkpoint is the end of a finished run), or None."""
+    from hooked_bilinear import HookedBilinearConfig
+
+    from training.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    step = checkpoint_step(latest) if latest is not None else None
+    n_ctx = HookedBilinearConfig(**{**run.model, "d_vocab": run.data.vocab_size}).n_ctx
+    total = run.train.total_steps(run.train.batch_size * n_ctx)
+    if step is None or step < total or not (run_dir / "final" / "config.json").is_file():
+        return None
+    return (f"{run_dir} is already finished at step {step} of {total} (model in {run_dir / 'final'}); "
+            f"nothing to do. To train it longer: hooked-bilinear train --resume --out {run_dir} train.max_steps=N")
+
+
+def resume_command(command: str, run_dir: Path) -> str:
+    """The command that continues ``run_dir`` (the launcher's own line when under ``accelerate launch``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return f"accelerate launch <same options> -m hooked_bilinear.cli {command} --resume --out {run_dir}"
+    return f"hooked-bilinear {command} --resume --out {run_dir}"
+
+
+def interrupted_message(command: str, stop: TrainingInterrupted, run_dir: Path) -> str:
+    import signal
+
+    return (f"hooked-bilinear {command}: stopped by {signal.Signals(stop.signum).name} at step {stop.step}; "
+            f"checkpoint {stop.checkpoint}. Resume with: {resume_command(command, run_dir)}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from training.loop import distributed_state
 
     try:
-        run, run_dir = resolve_config(args, distributed_state().num_processes)
-    except RunConfigError as err:
-        print(f"hooked-bilinear train: config error: {err}", file=sys.stderr)
+        state = distributed_state()
+        run, run_dir, changes = resolve_config(args, state.num_processes)
+        if args.resume and (done := finished_message(run, run_dir)):
+            print(done)
+            return 0
+        run_training(run, run_dir, resume=args.resume, overwrite=args.overwrite, changes=changes)
+    except RunConfigError as err:  # includes run-folder and launch problems; nothing was written
+        if int(os.environ.get("RANK", "0")) == 0:
+            kind = "" if isinstance(err, (RunFolderError, LaunchError)) else "config error: "
+            print(f"hooked-bilinear train: {kind}{err}", file=sys.stderr)
         return 2
-    run_training(run, run_dir, resume=args.resume)
+    except TrainingInterrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(interrupted_message("train", stop, run_dir), file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -259,7 +259,7 @@ def test_two_process_finetune_leaves_identical_weights(tiny_llama, tmp_path, _he
     script = tmp_path / "ddp_finetune.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(_hermetic_caches / "hf_datasets"),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     args = overrides(tiny_llama, tmp_path / "run", **{"train.batch_size": 8, "train.micro_batch_size": 2,
                                                       "train.max_steps": 4, "train.checkpoint_every": 2})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -155,7 +155,7 @@ def test_two_process_data_parallel_run_ends_identical_on_both_ranks(tmp_path, _h
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(_hermetic_caches / "hf_datasets"),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     overrides = [f"run.out_dir={tmp_path / 'run'}", "data.n_train_stories=200", "data.n_valid_stories=20",
                  "data.vocab_size=300", "model.n_layers=1", "model.d_model=32", "model.d_head=16", "model.d_mlp=64",
                  "model.n_ctx=32", "train.batch_size=8", "train.micro_batch_size=2", "train.max_steps=4",

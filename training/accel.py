@@ -1,0 +1,106 @@
+"""The accelerate set-up of a run: processes, precision, gradient accumulation, determinism.
+
+    state = distributed_state()            # refuses a GPU launch on a machine without GPUs
+    accelerator = make_accelerator(train_cfg)
+    with deterministic_kernels(accelerator.device):
+        ...                                # CPU training is bit-reproducible inside
+
+Determinism. On CPU, a run is bit-reproducible: the same config and seed give the same weights, and
+an interrupted and resumed run ends equal to an uninterrupted one. The one CPU kernel that was not
+(the backward of indexing an embedding table, ``W_E[tokens]``, accumulates rows in parallel in
+whatever order the threads finish: two 2-thread runs of the demo differed from step 10 on) has a
+deterministic variant that ``torch.use_deterministic_algorithms`` selects; on CPU it is also faster.
+On GPUs the same switch would need ``CUBLAS_WORKSPACE_CONFIG`` and makes some kernels raise, so it
+is left off there: GPU runs are not bit-reproducible (atomic adds in embedding backward, cuBLAS
+and attention kernel choices, bf16 reductions) - see the README's "Training" section.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin
+
+from training.run_config import RunConfigError, TrainConfig
+
+
+class LaunchError(RunConfigError):
+    """The launch cannot work on this machine (e.g. a GPU accelerate config without GPUs)."""
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """"auto" -> "bf16" on a GPU that supports it, else "no" (CPU autocast buys nothing here)."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def grad_accum_steps(cfg: TrainConfig, num_processes: int) -> int:
+    return cfg.batch_size // (cfg.micro_batch_size * num_processes)
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def check_launch(command: str = "train") -> None:
+    """Refuse a multi-process (or FSDP) GPU launch on a machine without a usable GPU.
+
+    ``accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml`` on a CPU machine would
+    start 8 processes that each die in NCCL set-up. ``ACCELERATE_USE_CPU=1`` (accelerate's own
+    switch) asks for CPU processes with the gloo backend on purpose (the tests do this).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    fsdp = _truthy("ACCELERATE_USE_FSDP")
+    if (world <= 1 and not fsdp) or torch.cuda.is_available() or _truthy("ACCELERATE_USE_CPU"):
+        return
+    what = "an FSDP" if fsdp else f"a {world}-process data-parallel"
+    raise LaunchError(
+        f"this is {what} accelerate launch for GPUs, but this machine has no GPU (torch.cuda.is_available() "
+        f"is False). On a CPU, run one process: `hooked-bilinear {command} <the same arguments>`; to try "
+        f"data parallelism on CPU anyway: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 "
+        f"-m hooked_bilinear.cli {command} <the same arguments>`"
+    )
+
+
+def distributed_state() -> Any:
+    """accelerate's ``PartialState`` for this launch (raises ``LaunchError`` as ``check_launch``)."""
+    from accelerate import PartialState
+
+    check_launch()
+    return PartialState(cpu=_truthy("ACCELERATE_USE_CPU"))
+
+
+def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
+    """An Accelerator with this config's precision and gradient accumulation.
+
+    ``sync_with_dataloader=False``: a step always spans exactly the accumulation count, even across
+    an epoch boundary, so step boundaries do not depend on where epochs end.
+    """
+    plugin = GradientAccumulationPlugin(
+        num_steps=grad_accum_steps(cfg, distributed_state().num_processes), sync_with_dataloader=False
+    )
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        gradient_accumulation_plugin=plugin,
+        step_scheduler_with_optimizer=False,
+        **kwargs,
+    )
+
+
+@contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """Deterministic torch kernels while training on CPU; the previous setting is restored after."""
+    if device.type != "cpu":
+        yield
+        return
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
