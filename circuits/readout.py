@@ -9,12 +9,47 @@ so a token with a large positive (negative) score pushes the feature's input up 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .layer import check_layer, mlp_weights
+
+
+Live = Union[None, str, Tensor]
+
+
+def live_token_mask(model: Any, live: Live = None) -> Tensor:
+    """Which tokens a readout may name: bool [d_vocab].
+
+    Tokens that never occur in the training text keep their random initial embeddings, and a norm
+    inflates those to RMS 1, so they would fill every top-token list. live: None uses the model's
+    `token_counts` (how often each token occurs in its tokenizer's training text, saved with models
+    this project trains) and keeps the tokens seen at least once, or every token when the model has
+    no counts; "all" keeps every token; a bool mask [d_vocab] is used as is; an integer tensor
+    [d_vocab] is taken as counts."""
+    d_vocab = model.cfg.d_vocab
+    if isinstance(live, str):
+        if live != "all":
+            raise ValueError(f"live must be None, 'all', a bool mask or token counts [d_vocab], got {live!r}")
+        return torch.ones(d_vocab, dtype=torch.bool)
+    if live is None:
+        live = getattr(model, "token_counts", None)
+        if live is None:
+            return torch.ones(d_vocab, dtype=torch.bool)
+    live = torch.as_tensor(live).detach().cpu()
+    if live.shape != (d_vocab,):
+        raise ValueError(f"token counts / live mask must have shape [d_vocab] = [{d_vocab}], got {tuple(live.shape)}")
+    mask = live if live.dtype == torch.bool else live > 0
+    if not bool(mask.any()):
+        raise ValueError("no live token: the counts are all zero (pass live='all' to use every token)")
+    return mask
+
+
+def live_token_ids(model: Any, live: Live = None) -> Tensor:
+    """Ids of the live tokens (see `live_token_mask`): [n_live] int64."""
+    return live_token_mask(model, live).nonzero().flatten()
 
 
 def normalized_embeddings(model: Any) -> Tensor:
@@ -67,12 +102,14 @@ def token_label(model: Any, token: int) -> str:
     return model.to_string([token]) if model.tokenizer is not None else str(token)
 
 
-def top_tokens(model: Any, scores: Tensor, k: int = 10) -> TopTokens:
-    """The k highest and k lowest scoring tokens of scores [d_vocab], with their scores."""
+def top_tokens(model: Any, scores: Tensor, k: int = 10, live: Live = None) -> TopTokens:
+    """The k highest and k lowest scoring live tokens (`live_token_mask`) of scores [d_vocab]."""
     if scores.ndim != 1 or scores.shape[0] != model.cfg.d_vocab:
         raise ValueError(f"scores must be [d_vocab={model.cfg.d_vocab}], got {tuple(scores.shape)}")
-    k = min(k, scores.shape[0])
-    hi, lo = scores.topk(k), (-scores).topk(k)
+    mask = live_token_mask(model, live).to(scores.device)
+    k = min(k, int(mask.sum()))
+    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
+    hi, lo = scores.where(mask, -inf).topk(k), (-scores).where(mask, -inf).topk(k)
     return TopTokens(
         positive=[(token_label(model, int(i)), float(s)) for s, i in zip(hi.values, hi.indices)],
         negative=[(token_label(model, int(i)), -float(s)) for s, i in zip(lo.values, lo.indices)],
@@ -86,7 +123,8 @@ def direct_token_table(
     """The MLP's direct token-to-token table D[t_out, t_in] = u_out . mlp(x_in): [n_out, n_in].
 
     x_in is token t_in's normalized embedding (the MLP's input when that token's embedding is all
-    the residual holds); u_out is t_out's logit direction through the final norm's gain."""
+    the residual holds); u_out is t_out's logit direction through the final norm's gain. in_tokens
+    defaults to every token id (index the result with `live_token_ids` to leave out dead ones)."""
     from .directions import unembed_direction
 
     layer = check_layer(model, layer)
