@@ -2,23 +2,28 @@
 
 A *reader* is a unit direction d read from the residual stream at some point (the final residual,
 the input of a head, the input of an MLP). Every component that writes into the residual stream
-before that point contributes to `d . x`; we score each one from the weights alone:
+before that point contributes to `d . x`. We score each one by the largest contribution it makes
+from **one real token through one path with attention 1** (real: a live token, one that occurs in
+the training text -- see `circuits.readout.live_token_mask`; tokens as their normalized embeddings,
+so every score is on the same scale and scores of different kinds are comparable):
 
-* an MLP of layer l writes ``sum_i lambda_i (v_i . x)^2`` along d (eigenpairs of Q(d), DESIGN.md
-  section 5): eigenvector i scores ``|lambda_i| * d_model``, and v_i becomes a new reader at the
-  MLP's input;
-* head h of layer l writes ``x . w`` with ``w = diag(ln1 gain) W_V^h W_O^h d`` per attended
-  position: it scores ``|w| * sqrt(d_model)``, and w / |w| becomes a new reader at the head's input;
-* the direct path (token embeddings) scores ``max_t |e_t . d|`` over normalized embeddings e_t.
+* the direct path (the token at the reading position): ``max_s |e_s . d|``;
+* head h of layer l (its OV path, the head attending to token s): ``max_s |e_s diag(g) W_V W_O d|``;
+  the head's QK side (which offsets and key tokens it prefers, `circuits.attention`) is attached;
+* an MLP of layer l writes ``sum_i lambda_i (v_i . x)^2`` along d (eigenpairs of Q(d)):
+  eigenvector i scores ``|lambda_i| max_{p, s} (v_i . R_p[s])^2`` over the token paths p into the
+  MLP (direct, each head up to layer l: `circuits.mlp_paths.token_paths`), and carries its best
+  *path pairs*: ``2 lambda_i (v_i . R_p[s]) (v_i . R_q[t])``, "the feature fires when token s via p
+  meets token t via q" (the rank-1 part of the MLP's path-pair expansion that this feature holds).
 
-Each score is the largest readout that component can produce from an input of RMS 1, the scale a
-norm gives (norm gains are folded into the weights), so MLP, head and embedding scores are
-comparable. Inputs of every reader are normalized residuals: results hold up to each norm's positive
-per-position scale. Positional embeddings (if learned) are not traced. A node's *share* is its
-score over the sum of all scored candidates for the same reader; its *importance* is the product of
-shares from the target down. The walk is best-first by importance, keeps the top `k_features`
-eigenvectors per MLP and `k_heads` heads per attention layer for each reader, drops anything below
-`threshold`, and stops at `max_nodes`.
+A node's *share* is its score over the sum of all scored candidates for the same reader; its
+*importance* is the sum over the readers it writes into of (reader importance x share). The walk is
+best-first by importance, keeps the top `k_features` eigenvectors per MLP and `k_heads` heads per
+attention layer for each reader, drops anything below `threshold`, and stops at `max_nodes`. A
+component reached from two readers (a head, the embeddings) is one node with two outgoing edges; an
+eigenvector belongs to its reader's interaction matrix, so it is a node of its own. Inputs of every
+reader are normalized residuals: results hold up to each norm's positive per-position scale.
+Positional embeddings (if learned) are not traced.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .attention import qk_preferences
 from .directions import head_directions, logit_diff_direction, unembed_direction
 from .graph import CircuitEdge, CircuitGraph, CircuitNode
 from .layer import check_bilinear, check_layer, eigendecompose
-from .readout import TopTokens, normalized_embeddings, top_tokens
+from .mlp_paths import token_paths
+from .readout import Live, TopTokens, live_token_ids, normalized_embeddings, token_label, top_tokens
 
 TokenLike = Union[int, str]
 Target = Union[TokenLike, tuple, list, Tensor]
@@ -141,8 +148,9 @@ def _ov_vectors(model: Any, layer: int, d: Tensor) -> Tensor:
 
 
 def _candidates(model: Any, d: Tensor, at: tuple[int, int], layers: Sequence[int], X: Tensor,
-                k_features: int, k_heads: int, include_direct: bool) -> tuple[list[_Candidate], float]:
-    """Scored writers into reader direction d (unit [d_model]) read at `at`; also the total score."""
+                k_features: int, k_heads: int, include_direct: bool, paths_of: Any) -> tuple[list[_Candidate], float]:
+    """Scored writers into reader direction d (unit [d_model]) read at `at`; also the total score.
+    X: live tokens' normalized embeddings [n_live, d_model]; paths_of(l): token paths into MLP l."""
     d_model = model.cfg.d_model
     out, total = [], 0.0
     for l in layers:
@@ -154,14 +162,15 @@ def _candidates(model: Any, d: Tensor, at: tuple[int, int], layers: Sequence[int
                 v = v / v.norm().clamp_min(1e-12)
                 s = X @ v  # canonical sign: the strongest direct token reads positive
                 v = v * (1.0 if float(s[s.abs().argmax()]) >= 0 else -1.0)
-                score = abs(float(eig.values[i])) * d_model
+                reach = max(float((p.R.to(v.dtype) @ v).abs().max()) for p in paths_of(l))
+                score = abs(float(eig.values[i])) * reach ** 2
                 total += score
                 out.append(_Candidate("mlp_feature", l, None, i, float(eig.values[i]), score, v, (l, 1)))
         if l < at[0] or (l == at[0] and at[1] == 1):  # heads of layer l write before l's MLP
             w = _ov_vectors(model, l, d)
-            norms = w.norm(dim=-1)
-            scores = norms * d_model ** 0.5
+            scores = (X @ w.T).abs().amax(0)  # [n_heads]: best real token through each head
             total += float(scores.sum())
+            norms = w.norm(dim=-1)
             for h in scores.argsort(descending=True)[:k_heads].tolist():
                 out.append(_Candidate("head_ov", l, h, None, None, float(scores[h]),
                                       w[h] / norms[h].clamp_min(1e-12), (l, 0)))
@@ -172,41 +181,67 @@ def _candidates(model: Any, d: Tensor, at: tuple[int, int], layers: Sequence[int
     return out, total
 
 
+def _feature_path_pairs(model: Any, v: Tensor, eigenvalue: float, paths: Sequence[Any], ids: Tensor,
+                        n: int = 3) -> list[tuple[str, str, str, str, float]]:
+    """The best path pairs of one MLP feature: lambda (v . R_p[s]) (v . R_q[t]) times 2 for a cross
+    term, over pairs of token paths p, q and live tokens s, t; [(p, token s, q, token t, value)]."""
+    reads = [(p.name, p.R.to(v.dtype) @ v) for p in paths]  # [n_live] each
+    found = []
+    for a, (p, rp) in enumerate(reads):
+        for q, rq in reads[a:]:
+            # lambda rp[s] rq[t] is largest at the extremes of rp and rq with the sign of lambda
+            for sp, sq in ((1, 1), (-1, -1), (1, -1), (-1, 1)):
+                s, t = int((sp * rp).argmax()), int((sq * rq).argmax())
+                if p == q and s == t:
+                    value = eigenvalue * float(rp[s]) ** 2
+                else:
+                    value = (1.0 if p == q and s == t else 2.0) * eigenvalue * float(rp[s]) * float(rq[t])
+                found.append((p, token_label(model, int(ids[s])), q, token_label(model, int(ids[t])), value))
+    found = sorted(set(found), key=lambda f: -abs(f[4]))
+    return found[:n]
+
+
 # --- the walk -----------------------------------------------------------------------------------
 
-def _tokens(model: Any, scores: Tensor, n: int) -> dict[str, Any]:
-    t = top_tokens(model, scores.to(torch.float32), k=n)
+def _tokens(model: Any, scores: Tensor, n: int, live: Live = None) -> dict[str, Any]:
+    t = top_tokens(model, scores.to(torch.float32), k=n, live=live)
     return {"tokens_positive": t.positive, "tokens_negative": t.negative}
 
 
 @torch.no_grad()
 def feature_tokens(model: Any, layer: int, v: Tensor, n_tokens: int = 8,
-                   X: Optional[Tensor] = None) -> tuple[TopTokens, str, TopTokens]:
+                   X: Optional[Tensor] = None, live: Live = None) -> tuple[TopTokens, str, TopTokens]:
     """Read an input feature v [d_model] of the MLP of `layer` in token space: the direct path
     (normalized embeddings . v) and the single head of layers <= `layer` whose OV path ("virtual
-    tokens", `diag(g) W_V W_O v`) reaches it most strongly. Returns (direct, "L{l}H{h}", ov)."""
+    tokens", `diag(g) W_V W_O v`) reaches it most strongly over live tokens (`live`, see
+    `circuits.readout.live_token_mask`). Returns (direct, "L{l}H{h}", ov)."""
     layer = check_layer(model, layer)
     X = normalized_embeddings(model) if X is None else X  # [d_vocab, d_model]
     v = v[: model.cfg.d_model].to(X.dtype)
-    direct = top_tokens(model, (X @ v).float(), k=n_tokens)
+    direct = top_tokens(model, (X @ v).float(), k=n_tokens, live=live)
     ov = torch.stack([_ov_vectors(model, l, v) @ X.T for l in range(layer + 1)])  # [layer+1, n_heads, d_vocab]
-    l, h = divmod(int(ov.abs().amax(-1).flatten().argmax()), ov.shape[1])
-    return direct, f"L{l}H{h}", top_tokens(model, ov[l, h].float(), k=n_tokens)
+    ids = live_token_ids(model, live).to(ov.device)
+    l, h = divmod(int(ov[..., ids].abs().amax(-1).flatten().argmax()), ov.shape[1])
+    return direct, f"L{l}H{h}", top_tokens(model, ov[l, h].float(), k=n_tokens, live=live)
 
 
-def _node(model: Any, c: _Candidate, node_id: str, parent_dir: Tensor, importance: float, X: Tensor, n_tokens: int) -> CircuitNode:
+def _node(model: Any, c: _Candidate, node_id: str, parent_dir: Tensor, importance: float, X: Tensor,
+          n_tokens: int, live: Live, ids: Tensor, paths_of: Any) -> CircuitNode:
     fields: dict[str, Any] = {}
     if c.kind == "mlp_feature":
         label = f"MLP{c.layer} eigenvector {c.index} (lambda={c.eigenvalue:+.3g})"
-        direct, head, ov = feature_tokens(model, c.layer, c.direction, n_tokens, X)
+        direct, head, ov = feature_tokens(model, c.layer, c.direction, n_tokens, X, live)
         fields.update(tokens_positive=direct.positive, tokens_negative=direct.negative, readout="direct",
-                      ov_head=head, ov_tokens_positive=ov.positive, ov_tokens_negative=ov.negative)
+                      ov_head=head, ov_tokens_positive=ov.positive, ov_tokens_negative=ov.negative,
+                      path_pairs=_feature_path_pairs(model, c.direction, c.eigenvalue, paths_of(c.layer), ids))
     elif c.kind == "head_ov":
         label = f"L{c.layer}H{c.head} OV"
-        fields.update(_tokens(model, X @ (c.direction * c.score), n_tokens), readout="virtual tokens")
+        qk = qk_preferences(model, c.layer, c.head, live=live, n=n_tokens)
+        fields.update(_tokens(model, X @ (c.direction * c.score), n_tokens, live), readout="virtual tokens",
+                      qk=qk.summary(n=4))
     else:
         label = "token embeddings (direct path)"
-        fields.update(_tokens(model, X @ parent_dir, n_tokens), readout="direct")
+        fields.update(_tokens(model, X @ parent_dir, n_tokens, live), readout="direct")
     return CircuitNode(id=node_id, kind=c.kind, layer=c.layer, head=c.head, index=c.index, eigenvalue=c.eigenvalue,
                        score=c.score, importance=importance, label=label, **fields)
 
@@ -223,6 +258,7 @@ def find_circuit(
     include_direct: bool = True,
     n_tokens: int = 8,
     read_at: Optional[int] = None,
+    live: Live = None,
 ) -> CircuitGraph:
     """The components whose weight-derived contribution to `target` is largest, as a `CircuitGraph`.
 
@@ -232,6 +268,8 @@ def find_circuit(
     k_features: eigenvectors kept per MLP per reader; k_heads: heads kept per attention layer per
     reader; threshold: least importance (fraction of the target) for a component to be kept;
     max_nodes: size cap (target included); n_tokens: top tokens stored per node.
+    live: which tokens may be read (default: those the model's `token_counts` saw in training, or
+    all when it has none; "all"; a bool mask or counts [d_vocab]).
     Nothing here runs the model: every number comes from its weights."""
     check_bilinear(model)
     for name, value, low in (("k_features", k_features, 1), ("k_heads", k_heads, 0), ("max_nodes", max_nodes, 1), ("n_tokens", n_tokens, 1)):
@@ -246,27 +284,36 @@ def find_circuit(
     direction, at_layer, description = target_direction(model, target, read_at)
     d = (direction / direction.norm().clamp_min(1e-12)).to(model.W_E.dtype)
     X = normalized_embeddings(model).to(d.dtype)  # [d_vocab, d_model]
+    ids = live_token_ids(model, live).to(X.device)
+    X_live = X[ids]
+    path_cache: dict[int, list] = {}
+
+    def paths_of(layer: int) -> list:
+        if layer not in path_cache:
+            path_cache[layer] = token_paths(model, layer, token_ids=ids, composition=False, mlps=False)
+        return path_cache[layer]
 
     root = CircuitNode(id="target", kind="target", layer=at_layer, label=description, importance=1.0,
                        score=float(direction.norm()))
     if at_layer == n_layers:  # which logits the target direction itself moves
         gain = getattr(model.ln_final, "w", None)
         W_U = model.W_U.detach() * (gain.detach()[:, None] if gain is not None else 1.0)
-        t = top_tokens(model, (d @ W_U).float(), k=n_tokens)
+        t = top_tokens(model, (d @ W_U).float(), k=n_tokens, live=live)
         root.tokens_positive, root.tokens_negative, root.readout = t.positive, t.negative, "unembed"
     graph = CircuitGraph(target=description, nodes=[root], meta=dict(
         layers=layers, k_features=k_features, k_heads=k_heads, threshold=threshold, max_nodes=max_nodes,
         read_at=at_layer, d_model=model.cfg.d_model, n_layers=n_layers, d_vocab=model.cfg.d_vocab,
-        score="largest readout of the parent direction from an RMS-1 input: |lambda| d_model (MLP feature), "
-              "|diag(g) W_V W_O d| sqrt(d_model) (head), max_t |e_t . d| (embeddings)",
+        n_live_tokens=int(ids.numel()),
+        score="largest contribution to the parent direction from one live token through one path with attention 1: "
+              "|lambda| max_(p,s) (v . R_p[s])^2 (MLP feature), max_s |e_s diag(g) W_V W_O d| (head), "
+              "max_s |e_s . d| (embeddings); e_s = normalized embedding",
     ))
 
     counter = itertools.count()
     heap: list = []
-    used: dict[str, int] = {}
 
     def push_children(node_id: str, d: Tensor, at: tuple[int, int], importance: float, head: bool = False) -> None:
-        cands, total = _candidates(model, d, at, layers, X, k_features, k_heads, include_direct)
+        cands, total = _candidates(model, d, at, layers, X_live, k_features, k_heads, include_direct, paths_of)
         for c in cands:
             if head and c.kind == "embed":
                 continue  # counted in the shares, but its tokens are the head's own virtual tokens
@@ -275,13 +322,19 @@ def find_circuit(
                 heapq.heappush(heap, (-importance * share, next(counter), c, node_id, d, share))
 
     push_children("target", d, (at_layer, 0), 1.0)
+    nodes: dict[str, CircuitNode] = {}
     while heap and len(graph.nodes) < max_nodes:
         neg_imp, _, c, parent_id, parent_dir, share = heapq.heappop(heap)
-        base = {"mlp_feature": f"L{c.layer}.mlp.f{c.index}", "head_ov": f"L{c.layer}H{c.head}", "embed": "embed"}[c.kind]
-        used[base] = used.get(base, 0) + 1
-        node_id = base if used[base] == 1 else f"{base}#{used[base]}"
-        graph.nodes.append(_node(model, c, node_id, parent_dir, -neg_imp, X, n_tokens))
+        if c.kind == "mlp_feature":  # an eigenvector of its reader's Q: one node per reader
+            node_id = f"L{c.layer}.mlp.f{c.index}" + ("" if parent_id == "target" else f"<{parent_id}")
+        else:
+            node_id = f"L{c.layer}H{c.head}" if c.kind == "head_ov" else "embed"
         graph.edges.append(CircuitEdge(source=node_id, target=parent_id, weight=c.score, share=share))
+        if node_id in nodes:  # reached again: one node, one more reader
+            nodes[node_id].importance += -neg_imp
+            continue
+        nodes[node_id] = _node(model, c, node_id, parent_dir, -neg_imp, X, n_tokens, live, ids, paths_of)
+        graph.nodes.append(nodes[node_id])
         if c.kind == "mlp_feature" or (c.kind == "head_ov" and c.layer > 0):
             push_children(node_id, c.direction, c.reads_at, -neg_imp, head=c.kind == "head_ov")
     graph.validate()

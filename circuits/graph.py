@@ -10,9 +10,11 @@ Nodes are components of the model, each tied to one residual-stream direction:
 * ``embed``        the direct path: token embeddings read straight along the parent's direction.
 
 An edge ``source -> target`` says the source component writes into the target's input direction;
-``weight`` is its weight-derived contribution (see `circuits.find`), ``share`` its fraction of all
-candidate contributions into that target. A node's ``importance`` is the product of shares on its
-path from the target node (1 for the target itself).
+``weight`` is its weight-derived contribution (see `circuits.find`: the largest contribution of one
+live token through one path with attention 1, so weights of all kinds are comparable), ``share`` its
+fraction of all candidate contributions into that target. A node's ``importance`` is the sum over
+its edges of (reader's importance x share); 1 for the target. A component reached from two readers
+is one node with two edges, so the graph is a DAG, not a tree.
 
 Everything is plain data (floats, strings, token lists), so it round-trips through JSON exactly.
 """
@@ -48,6 +50,9 @@ class CircuitNode:
     ov_head: Optional[str] = None  # mlp_feature only: the head with the strongest OV readout
     ov_tokens_positive: Tokens = field(default_factory=list)
     ov_tokens_negative: Tokens = field(default_factory=list)
+    # mlp_feature only: best path pairs (path p, token via p, path q, token via q, contribution)
+    path_pairs: list = field(default_factory=list)
+    qk: str = ""  # head_ov only: where the head attends (offset, preferred key tokens), from its QK weights
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -56,6 +61,7 @@ class CircuitNode:
         self.tokens_negative = [(str(t), float(s)) for t, s in self.tokens_negative]
         self.ov_tokens_positive = [(str(t), float(s)) for t, s in self.ov_tokens_positive]
         self.ov_tokens_negative = [(str(t), float(s)) for t, s in self.ov_tokens_negative]
+        self.path_pairs = [(str(p), str(s), str(q), str(t), float(v)) for p, s, q, t, v in self.path_pairs]
 
     def top_token_strings(self, n: int = 5, ov: bool = False) -> list[str]:
         return [t for t, _ in (self.ov_tokens_positive if ov else self.tokens_positive)[:n]]
@@ -108,9 +114,12 @@ class CircuitGraph:
         for e in self.edges:
             if e.source not in known or e.target not in known:
                 raise ValueError(f"edge {e.source} -> {e.target} names an unknown node")
-        sources = [e.source for e in self.edges]
-        if sorted(sources) != sorted(ids[1:]):
-            raise ValueError("every non-target node must write into exactly one reader")
+        sources = {e.source for e in self.edges}
+        if sources != set(ids[1:]):
+            raise ValueError("every non-target node must write into at least one reader, and the target into none")
+        pairs = [(e.source, e.target) for e in self.edges]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError("duplicate edges")
 
     # --- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -141,9 +150,16 @@ class CircuitGraph:
     # --- text ---------------------------------------------------------------------------------
     def to_table(self, markdown: bool = True, n_tokens: int = 5) -> str:
         """One row per node, in walk order: id, kind, layer, head, eigenvalue, weight into its
-        reader, importance, top tokens (and the best OV readout for MLP features)."""
-        parent = {e.source: e.target for e in self.edges}
-        header = ["node", "kind", "layer", "head", "eigenvalue", "writes into", "weight", "importance", "top tokens (+)", "top tokens (-)"]
+        reader, importance, top tokens (and the best OV readout for MLP features), the best path pair
+        of MLP features and where heads attend."""
+        parent: dict[str, str] = {}
+        for e in self.edges:
+            parent[e.source] = f"{parent[e.source]}, {e.target}" if e.source in parent else e.target
+        weight: dict[str, float] = {}
+        for e in self.edges:
+            weight[e.source] = max(e.weight, weight.get(e.source, 0.0))
+        header = ["node", "kind", "layer", "head", "eigenvalue", "writes into", "weight", "importance",
+                  "top tokens (+)", "top tokens (-)", "path pair / attends to"]
         rows = []
         for n in self.nodes:
             fmt = lambda ts: ", ".join(repr(t) for t, _ in ts[:n_tokens])
@@ -152,10 +168,14 @@ class CircuitGraph:
                 pos = f"[{n.readout}] {pos}" if pos else ""
             if n.ov_head and n.ov_tokens_positive:
                 pos += f"; [ov {n.ov_head}] {fmt(n.ov_tokens_positive)}"
+            extra = n.qk
+            if n.path_pairs:
+                p, s, q, t, v = n.path_pairs[0]
+                extra = f"{s!r} via {p} x {t!r} via {q}: {v:+.3g}"
             rows.append([
                 n.id, n.kind, "" if n.layer is None else str(n.layer), "" if n.head is None else str(n.head),
                 "" if n.eigenvalue is None else f"{n.eigenvalue:+.4g}", parent.get(n.id, ""),
-                f"{n.score:.4g}", f"{n.importance:.3f}", pos, neg,
+                f"{weight.get(n.id, n.score):.4g}", f"{n.importance:.3f}", pos, neg, extra,
             ])
         if markdown:
             esc = lambda s: s.replace("|", "\\|")
@@ -220,6 +240,15 @@ class CircuitGraph:
                 text += f"\n{toks}"
             ax.text(x, y, text, ha="center", va="center", fontsize=7,
                     bbox=dict(boxstyle="round", fc="white", ec=colors[n.kind], lw=1.5))
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+
+        names = {"target": "target direction", "mlp_feature": "MLP feature (eigenvector of Q)",
+                 "head_ov": "attention head (OV path)", "embed": "token embeddings (direct)"}
+        handles = [Patch(facecolor="white", edgecolor=colors[k], lw=1.5, label=names[k]) for k in KINDS]
+        handles += [Line2D([], [], color="#555555", lw=0.5 + 5 * s, label=f"edge: share {s:g} of its reader")
+                    for s in (0.1, 0.5, 1.0)]
+        ax.legend(handles=handles, loc="lower left", fontsize=7, frameon=False, bbox_to_anchor=(0, -0.02))
         ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
         ax.set_ylim(-height / 2 - 0.5, height / 2 + 0.5)
         ax.axis("off")
