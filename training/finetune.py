@@ -1,7 +1,11 @@
 """``hooked-bilinear finetune``: turn a Llama-architecture SwiGLU model into an exactly bilinear one.
 
-    hooked-bilinear finetune --config configs/tinyllama-bilinear.yaml [section.key=value ...] [--resume] [--out DIR]
-    accelerate launch --config_file configs/accelerate/fsdp.yaml -m training.cli finetune --config ...
+    hooked-bilinear finetune --config configs/tinyllama-bilinear.yaml [section.key=value ...] [--out DIR] [--overwrite]
+    hooked-bilinear finetune --resume --out DIR [train.max_tokens=N ...]
+    accelerate launch --config_file configs/accelerate/fsdp.yaml -m hooked_bilinear.cli finetune --config ...
+
+The run folder is guarded as for ``hooked-bilinear train`` (``training.run_folder``), and Ctrl-C or
+SIGTERM stops at the next step with a checkpoint (``training.interrupt``).
 
 Steps (DESIGN.md section 6, the TinyLlama recipe of the original work):
 
@@ -30,15 +34,15 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from training.beta_schedule import BetaConfig, BetaSchedule
+from training.interrupt import TrainingInterrupted
 from training.run_config import (
     DataConfig,
     OutputConfig,
@@ -50,6 +54,7 @@ from training.run_config import (
     validate_data,
     validate_train,
 )
+from training.run_folder import apply_changes, prepare_run_folder, require_checkpoint, resume_changes, saved_config
 
 CONFIG_NAME = "finetune_config.yaml"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -202,24 +207,35 @@ def max_diff(a: Any, b: Any) -> float:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hooked-bilinear finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"finetune config YAML (default: RUN/{CONFIG_NAME} when resuming)")
+    parser.add_argument("--config", help=f"finetune config YAML (with --resume: optional; default RUN/{CONFIG_NAME})")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. beta.schedule=cosine train.lr=2e-4")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--out", help="run directory (overrides run.out_dir)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start over")
     return parser.parse_intermixed_args(argv)
 
 
-def resolve_config(args: argparse.Namespace, num_processes: int) -> tuple[FinetuneConfig, Path]:
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"run.out_dir={args.out}")
-    config = args.config
-    if config is None and args.resume and args.out and (Path(args.out) / CONFIG_NAME).is_file():
-        config = Path(args.out) / CONFIG_NAME
-    if config is None:
-        raise RunConfigError("--config is required (or --resume --out RUN for a run that saved its config)")
-    ft = load_finetune_config(config, overrides, num_processes=num_processes)
-    return ft, Path(ft.run.out_dir)
+def resolve_config(args: argparse.Namespace, num_processes: int) -> tuple[FinetuneConfig, Path, dict]:
+    """The validated config, the run directory and (on --resume) the accepted changes to the saved
+    config (``training.run_folder``: contradicting settings are refused). Only reads files."""
+    overrides = list(args.overrides) + ([f"run.out_dir={args.out}"] if args.out else [])
+    if not args.resume:
+        if args.config is None:
+            raise RunConfigError("--config is required (or --resume --out RUN to continue a run)")
+        ft = load_finetune_config(args.config, overrides, num_processes=num_processes)
+        return ft, Path(ft.run.out_dir), {}
+    if args.out is None and args.config is None:
+        raise RunConfigError("--resume needs the run folder: --resume --out RUN")
+    run_dir = Path(args.out) if args.out else Path(build_finetune_config(read_config(args.config, overrides)).run.out_dir)
+    saved = build_finetune_config(saved_config(run_dir, CONFIG_NAME, "finetune"))
+    requested = build_finetune_config(read_config(args.config or run_dir / CONFIG_NAME, overrides))
+    requested.run.out_dir = str(run_dir)
+    changes = resume_changes(saved.to_dict(), requested.to_dict())
+    ft = build_finetune_config(apply_changes(saved.to_dict(), {**changes, "run.out_dir": [None, str(run_dir)]}))
+    validate_finetune(ft, num_processes)
+    require_checkpoint(run_dir, "finetune")
+    return ft, run_dir, changes
 
 
 def get_data(ft: FinetuneConfig, tokenizer: Any, seq_len: int, accelerator: Any) -> tuple[Any, Any]:
@@ -249,7 +265,8 @@ def _verify_tokens(trainer: Any, tokenizer: Any, n: int, vocab: int) -> Any:
     return torch.arange(n).remainder(vocab)[None]
 
 
-def run_finetune(ft: FinetuneConfig, run_dir: Path, resume: bool = False, callbacks: list = ()) -> dict:
+def run_finetune(ft: FinetuneConfig, run_dir: Path, resume: bool = False, callbacks: list = (),
+                 overwrite: bool = False, changes: Optional[dict] = None) -> dict:
     """Everything after config validation; returns the summary (also in RUN/summary.json)."""
     import torch
     from accelerate.utils import set_seed
@@ -262,10 +279,8 @@ def run_finetune(ft: FinetuneConfig, run_dir: Path, resume: bool = False, callba
     accelerator = make_accelerator(ft.train)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     set_seed(ft.train.seed, device_specific=True)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(ft.to_dict(), sort_keys=False))
-    accelerator.wait_for_everyone()
+    prepare_run_folder(run_dir, accelerator, command="finetune", config_name=CONFIG_NAME, config=ft.to_dict(),
+                       resume=resume, overwrite=overwrite, changes=changes or {})
 
     tokenizer_arg = ft.data.tokenizer if ft.data.tokenizer is not None else True
     model = load_source(directory, tokenizer=tokenizer_arg)
@@ -380,17 +395,22 @@ def _finish(model: Any, run_dir: Path, tokens: Any, log: Any, ft: FinetuneConfig
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from training.loop import distributed_state
+    from training.train import interrupted_message
 
     try:
-        ft, run_dir = resolve_config(args, distributed_state().num_processes)
+        state = distributed_state()
+        ft, run_dir, changes = resolve_config(args, state.num_processes)
         check_source(ft.model.checkpoint)
-    except RunConfigError as err:
-        print(f"hooked-bilinear finetune: config error: {err}", file=sys.stderr)
+        run_finetune(ft, run_dir, resume=args.resume, overwrite=args.overwrite, changes=changes)
+    except (RunConfigError, SourceModelError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            kind = "config error: " if type(err) is RunConfigError else ""
+            print(f"hooked-bilinear finetune: {kind}{err}", file=sys.stderr)
         return 2
-    except SourceModelError as err:
-        print(f"hooked-bilinear finetune: {err}", file=sys.stderr)
-        return 2
-    run_finetune(ft, run_dir, resume=args.resume)
+    except TrainingInterrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(interrupted_message("finetune", stop, run_dir), file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

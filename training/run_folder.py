@@ -69,6 +69,32 @@ def clear_run(run_dir: str | Path) -> list[str]:
     return removed
 
 
+def prepare_run_folder(run_dir: Path, accelerator: Any, *, command: str, config_name: str, config: dict,
+                       resume: bool, overwrite: bool, changes: dict) -> None:
+    """Check the folder on every process, then (main process) clear it, or record the resume.
+
+    All checks finish on every process before anything is written (a barrier separates them), so a
+    refused run changes nothing and no process sees another's first writes."""
+    if resume:
+        step = checkpoint_step(require_checkpoint(run_dir, command))
+    else:
+        check_fresh(run_dir, overwrite, command)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if overwrite:
+            removed = clear_run(run_dir)
+            if removed:
+                print(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume or changes:
+            write_config(run_dir, config_name, config)
+        if resume:
+            if changes:
+                print("resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+            record_resume(run_dir, step, changes)
+    accelerator.wait_for_everyone()
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (one level of sections)."""
     out = {}

@@ -32,16 +32,13 @@ from training.accel import LaunchError
 from training.interrupt import TrainingInterrupted
 from training.run_config import RunConfig, RunConfigError, build_run_config, load_run_config, read_config, validate
 from training.run_folder import (
+    RunFolderError,
     apply_changes,
-    check_fresh,
     checkpoint_step,
-    clear_run,
-    record_resume,
+    prepare_run_folder,
     require_checkpoint,
     resume_changes,
-    RunFolderError,
     saved_config,
-    write_config,
 )
 
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -178,32 +175,6 @@ def write_samples(model: Any, run: RunConfig, path: Path) -> list[str]:
     return samples
 
 
-def prepare_run_folder(run: RunConfig, run_dir: Path, accelerator: Any, resume: bool, overwrite: bool,
-                       changes: dict) -> None:
-    """Check the folder on every process, then (main process) clear it or record the resume.
-
-    The checks finish on every process before anything is written, so a refused run changes nothing."""
-    if resume:
-        step = checkpoint_step(require_checkpoint(run_dir, "train"))
-    else:
-        check_fresh(run_dir, overwrite, "train")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if overwrite:
-            removed = clear_run(run_dir)
-            if removed:
-                print(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            if changes:
-                write_config(run_dir, RUN_CONFIG_NAME, run.to_dict())
-                print("resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-            record_resume(run_dir, step, changes)
-        else:
-            write_config(run_dir, RUN_CONFIG_NAME, run.to_dict())
-    accelerator.wait_for_everyone()
-
-
 def run_training(run: RunConfig, run_dir: Path, resume: bool = False, callbacks: list = (),
                  overwrite: bool = False, changes: Optional[dict] = None) -> dict:
     """Everything after config validation; returns the summary (also in RUN/summary.json).
@@ -220,7 +191,8 @@ def run_training(run: RunConfig, run_dir: Path, resume: bool = False, callbacks:
     accelerator = make_accelerator(run.train)
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     set_seed(run.train.seed, device_specific=True)  # per-process noise; init uses the model seed
-    prepare_run_folder(run, run_dir, accelerator, resume, overwrite, changes or {})
+    prepare_run_folder(run_dir, accelerator, command="train", config_name=RUN_CONFIG_NAME, config=run.to_dict(),
+                       resume=resume, overwrite=overwrite, changes=changes or {})
     source = text_source(run) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     source = source if source is not None else text_source(run)  # the corpus exists now
