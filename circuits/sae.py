@@ -55,7 +55,9 @@ class SAEWeights:
     pre-activation (what SAELens's `hook_sae_acts_pre` shows):
         pre(a) = (a / input_scale - b_dec * apply_b_dec_to_input) @ W_enc + b_enc     [..., d_sae]
     reconstruction: a_hat = (f @ W_dec + b_dec) * input_scale                            [..., d_in]
-    `input_scale` is the scope format's constant `normalize` (1 for SAELens).
+    `input_scale` is the scope format's constant `normalize` (1 for SAELens). With
+    `rescale_acts_by_decoder_norm` (SAELens TopK) the activations are `pre * |W_dec_j|` and decode
+    divides by it again, so `decoder_affine` has rows `W_dec_j / |W_dec_j|`.
     """
 
     W_enc: Tensor  # [d_in, d_sae]
@@ -71,6 +73,7 @@ class SAEWeights:
     source: str = ""  # where it came from, for reports
     # The authors' "mlp_in" is the norm's output after its gain; ln2.hook_normalized here is before it.
     reads_gained_norm_output: bool = False
+    rescale_acts_by_decoder_norm: bool = False
 
     def __post_init__(self) -> None:
         d_in, d_sae = self.W_enc.shape if self.W_enc.ndim == 2 else (None, None)
@@ -101,8 +104,12 @@ class SAEWeights:
         return self.W_enc / self.input_scale, self.b_enc - shift
 
     def decoder_affine(self) -> tuple[Tensor, Tensor]:
-        """(D [d_sae, d_in], b [d_in]) with a_hat = f @ D + b exactly."""
-        return self.W_dec * self.input_scale, self.b_dec * self.input_scale
+        """(D [d_sae, d_in], b [d_in]) with a_hat = f @ D + b exactly, f = `encode(a)`."""
+        W_dec = self.W_dec / self._decoder_norm()[:, None] if self.rescale_acts_by_decoder_norm else self.W_dec
+        return W_dec * self.input_scale, self.b_dec * self.input_scale
+
+    def _decoder_norm(self) -> Tensor:
+        return self.W_dec.norm(dim=-1)
 
     def pre_activation(self, a: Tensor) -> Tensor:
         """a [..., d_in] -> pre-activations [..., d_sae], computed as the SAE itself does."""
@@ -114,6 +121,8 @@ class SAEWeights:
     def encode(self, a: Tensor) -> Tensor:
         """Feature activations [..., d_sae] (TopK keeps the k largest, then ReLU, as SAELens does)."""
         pre = self.pre_activation(a)
+        if self.rescale_acts_by_decoder_norm:
+            pre = pre * self._decoder_norm()
         if self.architecture in ("topk", "batchtopk") and self.k is not None:
             top = pre.topk(self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
@@ -214,7 +223,8 @@ def _from_saelens(sae: Any, source: str = "SAELens SAE") -> SAEWeights:
         W_enc=detach(sae.W_enc), b_enc=detach(sae.b_enc), W_dec=detach(sae.W_dec), b_dec=detach(sae.b_dec),
         hook_name=hook, architecture=architecture, k=getattr(cfg, "k", None),
         threshold=detach(getattr(sae, "threshold", None)),
-        apply_b_dec_to_input=bool(getattr(cfg, "apply_b_dec_to_input", True)), source=source)
+        apply_b_dec_to_input=bool(getattr(cfg, "apply_b_dec_to_input", True)), source=source,
+        rescale_acts_by_decoder_norm=bool(getattr(cfg, "rescale_acts_by_decoder_norm", False)))
 
 
 def scope_hook_name(point: str, layer: int) -> str:
