@@ -12,10 +12,10 @@ epoch's order and skips the consumed batches with accelerate's ``skip_first_batc
 interrupted and resumed run sees exactly the batches, noise and updates of an uninterrupted one.
 
 One optimizer step = ``batch_size / (micro_batch_size x processes)`` micro-batches under
-``accelerator.accumulate``. Optimizer: AdamW with weight decay on weight matrices only: norm gains,
-biases and the token/position embedding tables are not decayed (decaying an embedding pulls rare
-tokens' rows to zero; decaying gains fights the norm) - the GPT-2/nanoGPT/Llama custom. Schedule:
-linear warmup, then cosine or linear decay to ``lr x min_lr_ratio`` (or constant).
+``accelerator.accumulate``; optimizer and schedule come from ``training.optim``, the accelerate set-up
+(and deterministic CPU kernels) from ``training.accel``. SIGINT/SIGTERM end training after the step in
+progress with a checkpoint (``training.interrupt``); a resume drops ``metrics.jsonl`` lines logged
+after its checkpoint, so each step appears once.
 
 Extension points (what finetuning uses):
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,13 +56,11 @@ from training.accel import (  # noqa: F401  (re-exported: the loop's public set-
     make_accelerator,
     resolve_mixed_precision,
 )
+from training.optim import lr_multiplier, make_optimizer, param_groups  # noqa: F401  (re-exported)
 from training.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.interrupt import StopSignals, TrainingInterrupted
 from training.run_config import TrainConfig
 from training.run_folder import truncate_metrics
-
-NO_DECAY_PARAMS = ("embed.W_E", "pos_embed.W_pos")  # embedding tables: never decayed
-
 
 @dataclass
 class TrainState:
@@ -84,34 +81,6 @@ class TrainState:
 
 
 # --- building blocks ----------------------------------------------------------------------------
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decayed; 1-D params (gains, biases) and embedding tables not."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim < 2 or any(name.endswith(n) for n in NO_DECAY_PARAMS)
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_multiplier(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """step (0-based update index) -> lr / cfg.lr: linear warmup, then cosine/linear/constant."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        floor = cfg.min_lr_ratio
-        if cfg.schedule == "linear":
-            return 1.0 - (1.0 - floor) * progress
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
 
 
 def noise_hooks(model: Any, input_noise: float, latent_noise: float) -> list[tuple[str, Callable]]:
@@ -184,13 +153,7 @@ class Trainer:
 
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        # The fused CUDA kernel avoids the foreach path's temporary copy of the optimizer state
-        # (4 GiB at 1.1B parameters), which is what makes 1 x 24 GB finetuning fit.
-        fused = acc.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-            fused=fused,
-        )
+        optimizer = make_optimizer(model, cfg, acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         # Not prepared: accelerate would step it once per process; we step it once per update.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_multiplier(cfg, self.total_steps))

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.run_config import RunConfigError, load_run_config
 from training.train import main
@@ -75,9 +76,53 @@ def test_cli_end_to_end_produces_a_loadable_model(tmp_path):
 
     model = HookedBilinearTransformer.from_pretrained(str(out / "final"))
     assert model.cfg.n_layers == 1 and model.cfg.d_vocab == 300 and model.tokenizer is not None
-    loss = model(model.to_tokens("once upon a time"), return_type="loss").item()
-    assert loss == pytest.approx(loss) and loss > 0
+    # The saved model computes the validation loss the run reported (same rows, same weights).
+    rows = torch.tensor([r["input_ids"] for r in _validation_rows(out)])
+    with torch.no_grad():
+        loss = model(rows, return_type="loss").item()
+    assert loss == pytest.approx(summary["final_eval_loss"], rel=1e-5)
 
-    # Resuming a finished run restores its last checkpoint and has nothing left to do.
-    assert main(["--resume", "--out", str(out)]) == 0
-    assert json.loads((out / "summary.json").read_text())["final_eval_loss"] == pytest.approx(summary["final_eval_loss"])
+
+def _validation_rows(out: Path) -> list:
+    from training.data import load_packed_dataset
+    from training.run_config import load_run_config
+    from training.tokenizer import load_tokenizer
+    from training.train import text_source
+
+    run = load_run_config(out / "run_config.yaml")
+    packed = load_packed_dataset(text_source(run), load_tokenizer(out / "tokenizer"), run.model["n_ctx"], "validation")
+    return list(packed.select(range(min(run.data.eval_sequences, len(packed)))))
+
+
+def test_trained_model_carries_the_training_texts_token_counts(tmp_path):
+    """``model.token_counts``: how often each id occurs in the packed training text; unseen ids count 0."""
+    from datasets import Dataset
+
+    from training.data import token_counts
+    from training.run_config import load_run_config
+    from training.tokenizer import load_tokenizer
+    from training.train import run_training
+
+    out = tmp_path / "run"
+    overrides = ["data.n_train_stories=200", "data.n_valid_stories=10", "data.vocab_size=400", "model.n_layers=1",
+                 "model.d_model=32", "model.d_head=16", "model.d_mlp=64", "model.n_ctx=32", "train.batch_size=4",
+                 "train.micro_batch_size=4", "train.max_steps=1", "train.eval_every=0", "train.progress_bar=false",
+                 "run.n_samples=0"]
+    captured = {}
+
+    class Grab:
+        def on_train_end(self, trainer):
+            captured["counts"] = trainer.raw_model.token_counts
+            captured["rows"] = trainer.train_data
+
+    run = load_run_config(TINY, overrides + [f"run.out_dir={out}"])
+    run_training(run, out, callbacks=[Grab()])
+    counts, rows = captured["counts"], captured["rows"]
+    assert isinstance(counts, torch.Tensor) and counts.dtype == torch.long and counts.shape == (400,)
+    assert not isinstance(counts, torch.nn.Parameter)
+    ids = torch.tensor(rows["input_ids"]).flatten()
+    assert int(counts.sum()) == ids.numel() and torch.equal(counts, torch.bincount(ids, minlength=400))
+    # The built-in corpus never writes an upper-case letter and the tokenizer lowercases: "Q" is absent.
+    q = load_tokenizer(out / "tokenizer").convert_tokens_to_ids("Q")
+    assert q is not None and q not in ids.tolist() and counts[q] == 0
+    assert token_counts(Dataset.from_dict({"input_ids": [[1, 1, 2]]}), 4).tolist() == [0, 2, 1, 0]
