@@ -1,6 +1,6 @@
 """Alias of ``hooked_bilinear.cli`` so ``python -m training.cli ...`` keeps working.
 
-The accelerate launch lines in the README, docs and configs run ``-m training.cli train ...``; the
+Older accelerate launch lines run ``-m training.cli train ...``; the
 dispatcher itself lives in ``hooked_bilinear.cli`` (the package every other one may import).
 """
 
