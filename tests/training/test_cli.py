@@ -44,3 +44,24 @@ def test_unfinished_run_folder_names_its_newest_checkpoint(tmp_path):
     message = run_folder_message(run)
     assert "step-00000020" in message and "--resume" in message
     assert run_folder_message(tmp_path) is None  # an ordinary folder is not a run folder
+
+
+def test_gpu_launch_on_a_machine_without_gpus_is_refused_with_the_command_to_use(monkeypatch, capsys, tmp_path):
+    """What `accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml ...` sets in each process."""
+    import torch
+
+    from training.train import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    config = str(REPO / "configs" / "tinystories-tiny.yaml")
+    assert main(["--config", config, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "8-process data-parallel accelerate launch for GPUs" in err and "no GPU" in err
+    assert "`hooked-bilinear train <the same arguments>`" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("RANK", "3")  # the other processes stay silent: one message, not eight
+    assert main(["--config", config, "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ""

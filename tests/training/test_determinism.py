@@ -1,7 +1,7 @@
 """At the demo's scale on CPU: a run stopped by Ctrl-C and resumed ends bit-identical to an uninterrupted one.
 
 The demo config (configs/tinystories-tiny.yaml: built-in corpus, BPE tokenizer trained per run, 2 layers,
-d_model 128, ctx 128, batch 16) cut to 60 steps. Both runs train their own tokenizer and start from
+d_model 128, ctx 128, batch 16) cut to 40 steps. Both runs train their own tokenizer and start from
 scratch, so the comparison also shows that two runs with the same config and seed are bit-identical:
 before the fix, two such runs differed from step 10 (the embedding backward accumulated rows in thread
 order) and ended up to 3.6e-7 apart at step 80.
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tinystories-tiny.yaml")
-STEPS = 60
+STEPS = 40
 SETTINGS = [f"train.max_steps={STEPS}", "train.progress_bar=false", "run.n_samples=1", "run.sample_tokens=4"]
 
 
@@ -50,7 +50,7 @@ def test_demo_scale_interrupted_and_resumed_run_is_bit_identical(tmp_path, _herm
 
     proc = _train(["--config", TINY, "--out", str(cut), *SETTINGS], env)
     deadline = time.monotonic() + 900
-    while not any(s >= 20 for s in _steps_logged(cut)) and proc.poll() is None and time.monotonic() < deadline:
+    while not any(s >= 10 for s in _steps_logged(cut)) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
     out, err = proc.communicate(timeout=300)
@@ -59,7 +59,7 @@ def test_demo_scale_interrupted_and_resumed_run_is_bit_identical(tmp_path, _herm
     assert "stopped by SIGINT" in last and f"hooked-bilinear train --resume --out {cut}" in last
     assert "Traceback" not in err and not (cut / "final").exists()
     stopped_at = int(json.loads((sorted((cut / "checkpoints").glob("step-*"))[-1] / "trainer_state.json").read_text())["state"]["step"])
-    assert 20 <= stopped_at < STEPS
+    assert 10 <= stopped_at < STEPS
 
     proc = _train(["--resume", "--out", str(cut)], env)
     out, err = proc.communicate(timeout=900)
