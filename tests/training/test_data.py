@@ -163,3 +163,24 @@ def test_packing_edge_cases(tokenizer, tmp_path, files):
     lazy = load_text_dataset(files / "saved_one", streaming=True)
     streamed = pack_dataset(lazy, tokenizer, 5, batch_size=2)
     assert [r["input_ids"] for r in streamed] == expected_rows(tokenizer, DOCS, 5)[1]
+
+
+def test_builtin_corpus_loads_without_repo_card_noise(tmp_path, capfd):
+    """The corpus folder's README carries a dataset-card YAML block, so `datasets` reads it quietly
+    (without it huggingface_hub warned "Repo card metadata block was not found" on every load)."""
+    from training.data import load_text_dataset
+    from training.stories import write_corpus
+
+    write_corpus(tmp_path / "corpus", 20, 5)
+    capfd.readouterr()
+    train = load_text_dataset(str(tmp_path / "corpus"), "train")
+    valid = load_text_dataset(str(tmp_path / "corpus"), "validation")
+    assert (len(train), len(valid)) == (20, 5)  # the split files, not the save_to_disk copy beside them
+    assert "Repo card metadata" not in capfd.readouterr().err
+
+
+def test_a_dataset_that_is_neither_a_path_nor_a_hub_id_is_refused_before_loading():
+    from training.data import load_text_dataset
+
+    with pytest.raises(FileNotFoundError, match="not an existing file or folder, nor a hub dataset id"):
+        load_text_dataset("my_stories")
