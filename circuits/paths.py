@@ -55,13 +55,14 @@ class TopPairs:
 
 def top_pair_entries(R_p: Tensor, R_q: Tensor, Q: Optional[Tensor] = None, eig: Optional[Eigen] = None,
                      k: int = 8, same: bool = False, multiplicity: float = 1.0, sign: int = 0,
-                     chunk: int = 1024) -> TopPairs:
+                     chunk: int = 1024, diagonal: bool = True) -> TopPairs:
     """Top-k entries of `multiplicity * R_p Q R_q^T` without forming the [n_s, n_t] table at once.
 
     R_p [n_s, d], R_q [n_t, d]: each path's contribution to the MLP input, one row per token.
     Q [d, d], or `eig` (values [m], vectors [d, m]): Q through m of its eigenpairs (exact for m = d,
     the best rank-m approximation otherwise) -- the cheaper route for a large vocabulary.
-    same: R_p and R_q are the same path, so (s, t) and (t, s) are one entry: only s <= t is kept.
+    same: R_p and R_q are the same path, so (s, t) and (t, s) are one entry: only s <= t is kept
+    (s < t with diagonal=False: pairs of two different tokens only).
     sign: +1 keeps the largest positive entries, -1 the most negative, 0 the largest |entries|.
     Cost O(n_s n_t m) time and O(chunk n_t) memory."""
     if (Q is None) == (eig is None):
@@ -79,7 +80,8 @@ def top_pair_entries(R_p: Tensor, R_q: Tensor, Q: Optional[Tensor] = None, eig: 
         block = multiplicity * (left[start:start + chunk] @ right.T)  # [c, n_t]
         if same:  # each unordered pair once
             rows = torch.arange(start, start + block.shape[0], device=block.device)[:, None]
-            block = block.masked_fill(rows > torch.arange(n_t, device=block.device)[None], float("nan"))
+            cols = torch.arange(n_t, device=block.device)[None]
+            block = block.masked_fill(rows > cols if diagonal else rows >= cols, float("nan"))
         key = block if sign > 0 else (-block if sign < 0 else block.abs())
         key = torch.nan_to_num(key, nan=-float("inf"))
         top = key.flatten().topk(min(k, key.numel()))

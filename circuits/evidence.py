@@ -1,0 +1,218 @@
+"""Which context tokens make the model predict a target, from the weights alone.
+
+The question a circuit must answer for a logit (difference) target u is "which earlier token, when
+it is in the context, pushes u?". We answer it with a weight-only stand-in for a context:
+
+* the **query**: the token after which the target is predicted (the live token whose one-token
+  next-token distribution puts the most mass on the target's tokens, or one you name);
+* each head of each layer attends from the query to a key token b with an **expected attention**
+  `p_h(b) = e^{s(b)} / (e^{s(b)} + c E_typical[e^{s}])`: the share b would get against `c` typical
+  competitors drawn by their frequency in the training text (`competitors`), with `s` the head's QK
+  logit between the query's and the key's effective embeddings (`circuits.token_view`), taken at the
+  best offset in `offsets` (rotary models);
+* what the head then writes is the key's effective embedding, normalized, through `diag(g) W_V W_O`.
+
+A token's **evidence** is the sum of what it adds to u through every route: straight into the
+final residual through each head (the OV path), and through each later MLP, where it meets the
+query's own residual and itself (`2 x_b^T Q x_q + x_b^T Q x_b`, plus a bias term for biased MLPs).
+Two tokens arriving through two heads also meet each other inside an MLP: their **pair evidence**
+`2 x_s^T Q(u) x_t` is the interaction only a bilinear (or any non-linear) MLP can add, and the way
+a rule that needs *both* words (a negation, an exclusive or) shows up. Units: logit difference, with
+the final norm's scale taken from the query's own one-token forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .directions import logit_diff_direction, unembed_direction
+from .interaction import augment_input
+from .layer import check_bilinear, interaction_matrix
+from .mlp_paths import ov_matrices
+from .paths import top_pair_entries
+from .readout import Live, token_label
+from .token_view import TokenView, token_view
+
+DEFAULT_OFFSETS = tuple(range(1, 9))
+TokenSet = Union[int, str, Sequence[Union[int, str]]]
+
+
+@dataclass
+class PairEvidence:
+    """Two context tokens interacting inside the MLP of `layer`: `value` is what the pair adds to the
+    target beyond what each adds alone, with each token's route (the head that brings it)."""
+
+    value: float
+    token_s: str
+    route_s: str
+    token_t: str
+    route_t: str
+    layer: int
+
+    @property
+    def tokens(self) -> frozenset:
+        return frozenset((self.token_s, self.token_t))
+
+
+@dataclass
+class TokenEvidence:
+    """Per live token (`ids` [n]): `total` [n] evidence, split over `routes` (name -> [n]);
+    `attention` ("L{l}H{h}" -> [n]) the expected attention from the query; `pairs` the strongest
+    pair interactions, largest first."""
+
+    target: str
+    query: str
+    query_id: int
+    ids: Tensor
+    labels: list[str]
+    total: Tensor
+    routes: dict[str, Tensor] = field(default_factory=dict)
+    attention: dict[str, Tensor] = field(default_factory=dict)
+    pairs: list[PairEvidence] = field(default_factory=list)
+
+    def top_tokens(self, k: int = 10, sign: int = 1) -> list[tuple[str, float]]:
+        """The k tokens with the largest (sign=+1) or most negative (sign=-1) evidence."""
+        values = self.total * (1 if sign >= 0 else -1)
+        top = values.topk(min(k, values.numel()))
+        return [(self.labels[int(i)], float(self.total[int(i)])) for i in top.indices]
+
+    def breakdown(self, token: str, k: int = 3) -> list[tuple[str, float]]:
+        """The k routes that carry most of one token's evidence."""
+        i = self.labels.index(token)
+        parts = sorted(((name, float(v[i])) for name, v in self.routes.items()), key=lambda r: -abs(r[1]))
+        return parts[:k]
+
+    def to_markdown(self, n: int = 8) -> str:
+        """Tables of the top tokens (with their main routes) and the top pairs."""
+        lines = [f"Query (the token the prediction follows): `{self.query!r}`.", "",
+                 "| token | evidence | main routes |", "|---|---|---|"]
+        for tok, value in self.top_tokens(n):
+            routes = ", ".join(f"{name} {v:+.2f}" for name, v in self.breakdown(tok))
+            lines.append(f"| `{tok!r}` | {value:+.3f} | {routes} |".replace("|'", "| '"))
+        if self.pairs:
+            lines += ["", "| pair | interaction | inside |", "|---|---|---|"]
+            for p in self.pairs[:n]:
+                lines.append(f"| `{p.token_s!r}` via {p.route_s} x `{p.token_t!r}` via {p.route_t} | "
+                             f"{p.value:+.3f} | MLP{p.layer} |")
+        return "\n".join(lines)
+
+
+def _token_ids(model: Any, tokens: TokenSet) -> list[int]:
+    items = [tokens] if isinstance(tokens, (int, str)) else list(tokens)
+    ids = [model.to_single_token(t) if isinstance(t, str) else int(t) for t in items]
+    for t in ids:
+        if not 0 <= t < model.cfg.d_vocab:
+            raise ValueError(f"token id {t} is outside the vocabulary [0, {model.cfg.d_vocab})")
+    return ids
+
+
+@torch.no_grad()
+def key_attention(model: Any, view: TokenView, layer: int, head: int, query_index: int,
+                  offsets: Sequence[int] = DEFAULT_OFFSETS, competitors: float = 1.0) -> Tensor:
+    """Expected attention of head `layer`.`head` from the query (`view.ids[query_index]`) to every
+    live key token, against `competitors` typical keys (see the module docstring): [n]."""
+    gain = getattr(model.blocks[layer].ln1, "w", None)
+    X = view.normalized(layer)
+    X = X * gain.detach() if gain is not None else X
+    q = X[query_index:query_index + 1] @ model.W_Q[layer, head].detach()  # [1, d_head]
+    k = X @ model.W_K[layer, head].detach()  # [n, d_head]
+    offsets = [o for o in offsets if 0 <= o < model.cfg.n_ctx] or [0]
+    if model.cfg.positional_embedding_type == "rotary":
+        rotary = model.blocks[layer].attn.rotary
+        k = rotary(k[None, :, None], torch.zeros((1, k.shape[0]), dtype=torch.long, device=k.device))[0, :, 0]
+        logits = torch.stack([
+            (rotary(q[None, :, None], torch.full((1, 1), o, dtype=torch.long, device=q.device))[0, :, 0] @ k.T)[0]
+            for o in offsets]).amax(0)
+    else:
+        logits = (q @ k.T)[0]
+    logits = logits.float() / model.cfg.d_head ** 0.5
+    shift = logits.max()
+    weight = (logits - shift).exp()
+    typical = (view.frequency.float() * weight).sum()
+    return weight / (weight + competitors * typical)
+
+
+def _final_scale(model: Any, resid: Tensor) -> Tensor:
+    if model.cfg.normalization_type is None:
+        return resid.new_ones(())
+    if model.cfg.normalization_type == "LN":
+        resid = resid - resid.mean()
+    return (resid.pow(2).mean() + model.cfg.eps).sqrt()
+
+
+@torch.no_grad()
+def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = None, live: Live = None,
+                   competitors: float = 1.0, offsets: Sequence[int] = DEFAULT_OFFSETS, n_pairs: int = 10,
+                   view: Optional[TokenView] = None) -> TokenEvidence:
+    """Evidence of every live context token for `target`, from the weights alone (module docstring).
+
+    target: a token (str or id) or set of tokens -> its (mean) logit; a pair (a, b) -> the logit
+    difference a - b. query: the token the prediction follows (default: the live token after which
+    the target's tokens are most likely). competitors: how many typical tokens each attended token
+    competes with. view: a precomputed `token_view(model, live)` (reuse it across targets)."""
+    check_bilinear(model)
+    if isinstance(target, tuple) and len(target) == 2:
+        a, b = _token_ids(model, target[0]), _token_ids(model, target[1])
+        u, class_ids = logit_diff_direction(model, a, b), a + b
+        label = f"logit {[token_label(model, t) for t in a]} - {[token_label(model, t) for t in b]}"
+    else:
+        a = _token_ids(model, target)
+        u, class_ids, label = unembed_direction(model, a), a, f"logit {[token_label(model, t) for t in a]}"
+    view = token_view(model, live) if view is None else view
+    if query is None:
+        qi = int(view.log_probs[:, class_ids].logsumexp(-1).argmax())
+    else:
+        qi = view.index(_token_ids(model, query)[0])
+    L, H, d_model = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model
+    dtype = view.resid[0].dtype
+    u = u.to(dtype)
+    final = _final_scale(model, view.resid[L][qi])
+    routes: dict[str, Tensor] = {}
+    attention: dict[str, Tensor] = {}
+    head_vectors: dict[tuple[int, int], Tensor] = {}  # what head (l, h) writes when it attends to each key
+    for l in range(L):
+        ov = ov_matrices(model, l).to(dtype)
+        X = view.normalized(l)
+        for h in range(H):
+            p = key_attention(model, view, l, h, qi, offsets, competitors).to(dtype)
+            attention[f"L{l}H{h}"] = p
+            head_vectors[l, h] = p[:, None] * (X @ ov[h])  # [n, d_model], attention included
+            routes[f"L{l}H{h}"] = head_vectors[l, h] @ u / final
+    pairs: list[PairEvidence] = []
+    for l in range(L):
+        Q = interaction_matrix(model, l, u).to(dtype)  # [d, d], d = d_model (+1 with biases)
+        scale = view.ln2_scale[l][qi]
+        x_q = view.resid[l][qi] / scale
+        biased = Q.shape[0] == d_model + 1
+        if biased:
+            x_q = augment_input(x_q)
+        Qxq = Q @ x_q
+        for (hl, h), V in head_vectors.items():
+            if hl > l:
+                continue
+            R = V / scale  # [n, d_model]
+            Rq = Q[:d_model, :d_model] @ R.T  # [d_model, n]
+            routes[f"MLP{l} query x L{hl}H{h}"] = 2 * (R @ Qxq[:d_model]) / final
+            routes[f"MLP{l} L{hl}H{h} x itself"] = (R * Rq.T).sum(-1) / final
+        keys = [(hl, h) for (hl, h) in head_vectors if hl <= l]
+        Q_tok = Q[:d_model, :d_model]
+        for i, (l1, h1) in enumerate(keys):
+            for l2, h2 in keys[i:]:
+                same = (l1, h1) == (l2, h2)
+                top = top_pair_entries(head_vectors[l1, h1] / scale, head_vectors[l2, h2] / scale, Q=Q_tok,
+                                       k=n_pairs + (0 if same else 1), same=same, diagonal=False,
+                                       multiplicity=2.0, sign=1)
+                for value, s, t in zip(top.values.tolist(), top.rows.tolist(), top.cols.tolist()):
+                    if s == t:
+                        continue  # one token through two heads: part of that token's own evidence
+                    pairs.append(PairEvidence(value / float(final), token_label(model, int(view.ids[s])), f"L{l1}H{h1}",
+                                              token_label(model, int(view.ids[t])), f"L{l2}H{h2}", l))
+    pairs.sort(key=lambda p: -p.value)
+    total = torch.stack(list(routes.values())).sum(0)
+    labels = [token_label(model, int(t)) for t in view.ids]
+    return TokenEvidence(target=label, query=labels[qi], query_id=int(view.ids[qi]), ids=view.ids, labels=labels,
+                         total=total, routes=routes, attention=attention, pairs=pairs[: max(n_pairs, 0)])

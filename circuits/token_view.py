@@ -1,0 +1,87 @@
+"""The model reading one token at a time: effective embeddings, from the weights alone.
+
+A head of layer l > 0 does not read a token's raw embedding: it reads the residual stream at the
+token's position, which earlier layers have already rewritten. The *effective embedding* of token t
+at layer l is the residual entering layer l when the model reads t alone (the one-token sequence
+[t]): the raw embedding plus what every earlier layer adds to it. It is a function of the weights
+(no corpus) and a much closer stand-in for the residual a later head reads at t's position than
+the raw embedding (on the demo model, cosine 0.76 against the real residual at an object token,
+0.18 for the normalized raw embedding).
+
+`TokenView` holds, for every live token: the effective embeddings of every layer, the norms'
+scales there, the next-token log-probabilities after the token alone (which token a prediction is
+made *after*), and the token's frequency in the training text (what a "typical" context holds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .readout import Live, live_token_ids, live_token_mask
+
+
+@dataclass
+class TokenView:
+    """Everything `circuits.evidence` needs about single tokens, for the live tokens `ids` [n].
+
+    resid[l]: [n, d_model], the residual entering layer l (l = n_layers: the final residual);
+    ln1_scale[l], ln2_scale[l]: [n], the norms' divisors at layer l (ones without a norm);
+    log_probs: [n, d_vocab], next-token log-probabilities after the token alone;
+    frequency: [n], each token's share of the training text (uniform without counts)."""
+
+    ids: Tensor
+    resid: list[Tensor]
+    ln1_scale: list[Tensor]
+    ln2_scale: list[Tensor]
+    log_probs: Tensor
+    frequency: Tensor
+
+    def index(self, token_id: int) -> int:
+        """Position of a token id in `ids` (ValueError for a dead token)."""
+        hits = (self.ids == int(token_id)).nonzero()
+        if hits.numel() == 0:
+            raise ValueError(f"token {token_id} is not live (it never occurs in the training text); pass live='all' to use it")
+        return int(hits[0, 0])
+
+    def normalized(self, layer: int) -> Tensor:
+        """What ln1 of `layer` makes of each token's effective embedding, before its gain: [n, d_model]."""
+        return self.resid[layer] / self.ln1_scale[layer][:, None]
+
+
+@torch.no_grad()
+def token_view(model: Any, live: Live = None, batch_size: int = 4096) -> TokenView:
+    """Run the model on every live token alone (one forward pass per `batch_size` tokens)."""
+    ids = live_token_ids(model, live).to(model.W_E.device)
+    n_layers = model.cfg.n_layers
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    names += [f"blocks.{l}.{ln}.hook_scale" for l in range(n_layers) for ln in ("ln1", "ln2")]
+    names = [n for n in names if n in model.hook_dict]
+    parts: dict[str, list[Tensor]] = {}
+    log_probs = []
+    for start in range(0, ids.numel(), batch_size):
+        chunk = ids[start:start + batch_size, None]
+        logits, cache = model.run_with_cache(chunk, names_filter=names)
+        log_probs.append(logits[:, 0].float().log_softmax(-1))
+        for name in names:
+            parts.setdefault(name, []).append(cache[name][:, 0])
+    cat = {name: torch.cat(values) for name, values in parts.items()}
+    ones = torch.ones(ids.numel(), dtype=model.W_E.dtype, device=ids.device)
+    scale = lambda l, ln: cat[f"blocks.{l}.{ln}.hook_scale"][:, 0] if f"blocks.{l}.{ln}.hook_scale" in cat else ones
+    counts = getattr(model, "token_counts", None)
+    if counts is not None and live_token_mask(model, live)[torch.as_tensor(counts).cpu() > 0].any():
+        freq = torch.as_tensor(counts, dtype=torch.float32).to(ids.device)[ids]
+        freq = freq / freq.sum() if float(freq.sum()) > 0 else torch.full_like(freq, 1.0 / ids.numel())
+    else:
+        freq = torch.full((ids.numel(),), 1.0 / ids.numel(), device=ids.device)
+    return TokenView(
+        ids=ids,
+        resid=[cat[f"blocks.{l}.hook_resid_pre"] for l in range(n_layers)] + [cat[f"blocks.{n_layers - 1}.hook_resid_post"]],
+        ln1_scale=[scale(l, "ln1") for l in range(n_layers)],
+        ln2_scale=[scale(l, "ln2") for l in range(n_layers)],
+        log_probs=torch.cat(log_probs),
+        frequency=freq,
+    )

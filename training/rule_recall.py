@@ -1,0 +1,204 @@
+"""Does a model trained on the built-in corpus know its planted rules, and do its weights say so?
+
+For each planted rule of `training.stories` this module measures two things:
+
+* **behaviour**: on held-out stories, at every position where the rule decides the next word, the
+  share of positions where the model's top prediction is what the rule allows;
+* **recall from the weights alone**: whether the weight-only circuit of the rule's logit difference
+  (`circuits.evidence.token_evidence`: which context tokens push it, and which pairs interact in an
+  MLP) names the rule's trigger:
+
+  ==============  =========================================  ============================================
+  rule            target (logit difference)                  named when
+  ==============  =========================================  ============================================
+  object_verb     the object's verb - the other verbs        the object is the top evidence token
+  negation        negated follow-ups - plain follow-ups       the top pair is (' not', the feeling)
+  pronoun         ' she' - ' he'                              a name's evidence has its gender's sign
+  conjunction     ' swam' - ' drew' and ' drew' - ' swam'     the two top pairs are the rule's two pairs
+  name_recall     (no logit target: copying)                  a previous-token head K-composes into an
+                                                              induction head that copies each name
+  ==============  =========================================  ============================================
+
+Recall is the share of a rule's cases (objects, feelings, names, pairs) named correctly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from training.stories import (CONJUNCTION_ANSWERS, FEELINGS, NAME_GENDER, OBJECT_VERBS, generate_stories,
+                              split_sentences)
+
+RULES = ("object_verb", "negation", "pronoun", "conjunction", "name_recall")
+
+
+@dataclass
+class RuleResult:
+    rule: str
+    behaviour: float  # share of rule positions predicted correctly (top-1)
+    n_positions: int
+    recall: float  # share of the rule's cases the weights name
+    n_cases: int
+    details: list[str] = field(default_factory=list)  # one line per case: what the weights named
+
+    @property
+    def learned(self) -> bool:
+        return self.behaviour >= 0.95
+
+
+# --- behaviour on held-out stories --------------------------------------------------------------
+
+
+def _rule_prefixes(story: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(rule, text before the decided word, allowed words) for every decided position in a story."""
+    out = []
+    sents = split_sentences(story)
+    names_seen: set[str] = set()
+    for i, sent in enumerate(sents):
+        prefix = " ".join(sents[:i])
+        words = sent.split()
+        nxt = sents[i + 1].split() if i + 1 < len(sents) else []
+        before = " ".join(sents[: i + 1])
+        if (m := re.match(r"^([A-Z][a-z]+) was (not )?(\w+)\.$", sent)) and m.group(3) in FEELINGS and len(nxt) > 1:
+            f = FEELINGS[m.group(3)]
+            out.append(("negation", f"{before} {nxt[0]}", f.negative if m.group(2) else f.positive))
+            out.append(("pronoun", before, (NAME_GENDER[m.group(1)].capitalize(),)))
+        if (m := re.match(r"^([A-Z][a-z]+) found a (\w+) (\w+)\.$", sent)) and len(nxt) > 1:
+            out.append(("object_verb", f"{before} {nxt[0]}", (OBJECT_VERBS[m.group(3)],)))
+            out.append(("pronoun", before, (NAME_GENDER[m.group(1)].capitalize(),)))
+        if (m := re.match(r"^It was a (hot|cold) (morning|night)\.$", sent)) and len(nxt) > 1:
+            out.append(("conjunction", f"{before} {nxt[0]}", (CONJUNCTION_ANSWERS[m.group(1), m.group(2)],)))
+        for j, w in enumerate(words):
+            name = w.strip(".,!?")
+            if name in NAME_GENDER and name in names_seen and not (j and words[j - 1] == "named"):
+                head = " ".join(words[:j])
+                out.append(("name_recall", f"{prefix} {head}".strip(), tuple(sorted(names_seen))))
+        names_seen |= set(re.findall(r"named ([A-Z][a-z]+)", sent))
+    return out
+
+
+@torch.no_grad()
+def behaviour(model: Any, n_stories: int = 100, seed: int = 10_000, lowercase: bool = True,
+              batch_size: int = 32) -> dict[str, tuple[float, int]]:
+    """Top-1 accuracy at every rule position of `n_stories` held-out stories (a seed the training
+    corpus does not use): {rule: (accuracy, positions)}."""
+    tok = model.tokenizer
+    cases = [c for story in generate_stories(n_stories, seed) for c in _rule_prefixes(story)]
+    norm = (lambda s: s.lower()) if lowercase else (lambda s: s)
+    hits: dict[str, list[int]] = {r: [0, 0] for r in RULES}
+    n_ctx = model.cfg.n_ctx
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start:start + batch_size]
+        seqs = [tok(norm(prefix))["input_ids"][-n_ctx:] for _, prefix, _ in batch]
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        tokens = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        top = model(tokens.to(model.W_E.device), attention_mask=mask.to(model.W_E.device))[:, -1].argmax(-1).tolist()
+        for (rule, _, allowed), pred in zip(batch, top):
+            ok = any(tok(" " + norm(w))["input_ids"][0] == pred for w in allowed)
+            hits[rule][0] += ok
+            hits[rule][1] += 1
+    return {r: (h / n if n else float("nan"), n) for r, (h, n) in hits.items()}
+
+
+# --- recall from the weights ---------------------------------------------------------------------
+
+
+def _tok(model: Any, word: str, lowercase: bool) -> str:
+    """The label of a word's (first) token, as circuits report it."""
+    ids = model.tokenizer(" " + (word.lower() if lowercase else word))["input_ids"]
+    return model.to_string([ids[0]])
+
+
+def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) -> dict[str, RuleResult]:
+    """Recall of every rule from the weights alone (see the module docstring); behaviour is left
+    NaN here (fill it from `behaviour`)."""
+    from circuits.evidence import token_evidence
+    from circuits.token_view import token_view
+
+    view = token_view(model)
+    w = lambda word: _tok(model, word, lowercase)
+    out: dict[str, RuleResult] = {}
+    nan = float("nan")
+
+    verbs = {o: w(v) for o, v in OBJECT_VERBS.items()}
+    details, hits = [], 0
+    for obj, verb in verbs.items():
+        e = token_evidence(model, (verb, [v for v in verbs.values() if v != verb]), view=view, competitors=competitors)
+        top = e.top_tokens(3)
+        hits += top[0][0] == w(obj)
+        details.append(f"{verb!r}: query {e.query!r}, top evidence {[t for t, _ in top]} (want {w(obj)!r})")
+    out["object_verb"] = RuleResult("object_verb", nan, 0, hits / len(verbs), len(verbs), details)
+
+    details, hits = [], 0
+    for name, f in FEELINGS.items():
+        e = token_evidence(model, ([w(x) for x in f.negative], [w(x) for x in f.positive]), view=view,
+                           competitors=competitors)
+        want = frozenset((w("not"), w(name)))
+        best = e.pairs[0] if e.pairs else None
+        hits += best is not None and best.tokens == want
+        got = "none" if best is None else f"{best.token_s!r} via {best.route_s} x {best.token_t!r} via {best.route_t} in MLP{best.layer}"
+        details.append(f"not {name}: top pair {got}; top tokens {[t for t, _ in e.top_tokens(3)]}")
+    out["negation"] = RuleResult("negation", nan, 0, hits / len(FEELINGS), len(FEELINGS), details)
+
+    e = token_evidence(model, (w("she"), w("he")), view=view, competitors=competitors)
+    signs = {name: float(e.total[e.labels.index(w(name))]) for name in NAME_GENDER if w(name) in e.labels}
+    right = [n for n, v in signs.items() if (v > 0) == (NAME_GENDER[n] == "she")]
+    out["pronoun"] = RuleResult("pronoun", nan, 0, len(right) / len(NAME_GENDER), len(NAME_GENDER),
+                                [f"query {e.query!r}; wrong side: {sorted(set(NAME_GENDER) - set(right))}"])
+
+    details, hits = [], 0
+    answers = sorted(set(CONJUNCTION_ANSWERS.values()))
+    for answer in answers:
+        other = [a for a in answers if a != answer]
+        e = token_evidence(model, (w(answer), [w(o) for o in other]), view=view, competitors=competitors)
+        want = {frozenset((w(t), w(x))) for (t, x), a in CONJUNCTION_ANSWERS.items() if a == answer}
+        got = [p.tokens for p in e.pairs[: len(want)]]
+        hits += sum(g in want for g in got)
+        details.append(f"{answer}: top pairs {[sorted(g) for g in got]} (want {[sorted(x) for x in want]})")
+    out["conjunction"] = RuleResult("conjunction", nan, 0, hits / len(CONJUNCTION_ANSWERS), len(CONJUNCTION_ANSWERS), details)
+
+    out["name_recall"] = _induction_recall(model, view, [w(n) for n in NAME_GENDER])
+    return out
+
+
+@torch.no_grad()
+def _induction_recall(model: Any, view: Any, names: Sequence[str]) -> RuleResult:
+    """Previous-token head (layer-0 head giving offset 1 the largest attention share), the later
+    head with the largest K-composition with it, and the share of names that head's OV copies (the
+    name's own token is its top output among live tokens, through the unembedding)."""
+    from circuits.attention import composition_score, offset_attention
+    from circuits.mlp_paths import ov_matrices
+
+    nan = float("nan")
+    H, L = model.cfg.n_heads, model.cfg.n_layers
+    if L < 2:
+        return RuleResult("name_recall", nan, 0, 0.0, len(names), ["needs two layers"])
+    prev = max(((0, h) for h in range(H)), key=lambda lh: float(offset_attention(model, *lh)[1]))
+    share = float(offset_attention(model, *prev)[1])
+    induction = max(((l, h) for l in range(1, L) for h in range(H)), key=lambda lh: composition_score(model, prev, lh, "k"))
+    kcomp = composition_score(model, prev, induction, "k")
+    l, h = induction
+    gain = getattr(model.ln_final, "w", None)
+    W_U = model.W_U.detach() * (gain.detach()[:, None] if gain is not None else 1.0)
+    out = (view.normalized(l) @ ov_matrices(model, l)[h].to(view.resid[0].dtype)) @ W_U.to(view.resid[0].dtype)
+    out = out[:, view.ids]  # live outputs only
+    labels = [model.to_string([int(t)]) for t in view.ids]
+    copied = [n for n in names if n in labels and int(out[labels.index(n)].argmax()) == labels.index(n)]
+    detail = (f"previous-token head L{prev[0]}H{prev[1]} (offset-1 share {share:.2f}); induction head "
+              f"L{l}H{h} (K-composition {kcomp:.3f}); copies {len(copied)}/{len(names)} names")
+    recall = len(copied) / len(names) if share > 0.3 else 0.0
+    return RuleResult("name_recall", nan, 0, recall, len(names), [detail])
+
+
+def evaluate(model: Any, n_stories: int = 100, lowercase: bool = True, competitors: float = 1.0) -> dict[str, RuleResult]:
+    """Behaviour and weight-only recall of every planted rule."""
+    results = weight_recall(model, lowercase=lowercase, competitors=competitors)
+    for rule, (acc, n) in behaviour(model, n_stories=n_stories, lowercase=lowercase).items():
+        results[rule].behaviour, results[rule].n_positions = acc, n
+    return results
