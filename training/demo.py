@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -40,14 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="where the run, the model and the report go")
     parser.add_argument("--steps", type=int, default=None, help="override the tiny config's training steps")
     parser.add_argument("--target", default=" kicked", help="token whose circuit the report explains")
+    parser.add_argument("--overwrite", action="store_true", help="replace the demo run already in --out")
     args = parser.parse_args(argv)
 
     from circuits.report import main as circuits_report
+    from training.run_folder import run_contents
     from training.train import main as train
 
     out = Path(args.out)
+    if run_contents(out / "run") and not args.overwrite:  # never replace a run silently, the demo's included
+        print(f"hooked-bilinear demo: {out / 'run'} already holds a run; rerun with `hooked-bilinear demo --overwrite` "
+              f"to replace it, or choose another --out", file=sys.stderr)
+        return 2
     overrides = [f"run.out_dir={out / 'run'}"] + ([f"train.max_steps={args.steps}"] if args.steps else [])
-    status = train(["--config", str(CONFIG), *overrides])
+    status = train(["--config", str(CONFIG), *overrides, *(["--overwrite"] if args.overwrite else [])])
     if status:
         return status
     model_dir = out / "run" / "final"

@@ -65,3 +65,13 @@ def test_gpu_launch_on_a_machine_without_gpus_is_refused_with_the_command_to_use
     monkeypatch.setenv("RANK", "3")  # the other processes stay silent: one message, not eight
     assert main(["--config", config, "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_demo_does_not_replace_an_earlier_demo_run_unasked(tmp_path, capsys):
+    from training.demo import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.yaml").write_text("model: {}\n")
+    assert main(["--out", str(tmp_path)]) == 2
+    assert "hooked-bilinear demo --overwrite" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.rglob("*")] == ["run", "run_config.yaml"]
