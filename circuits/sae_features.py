@@ -378,7 +378,12 @@ def sae_report_section(model: Any, output_sae: Any, tokens: Tensor, input_sae: A
     basis = input_basis(model, input_sae)
     if basis.layer != out.layer:
         raise ValueError(f"the input SAE reads layer {basis.layer} but the output SAE explains layer {out.layer}")
-    lines += [f"Input SAE on `{basis.hook_name}` (d_sae {basis.sae.d_sae}): {basis.space}.", ""]
+    # Dead input features have arbitrary decoder rows: keep the ones that fire on the corpus.
+    acts = sae_activations(model, tokens, basis.layer, [basis.hook_name])[basis.hook_name]
+    live = (basis.sae.encode(acts) > 0).any(0).nonzero().flatten().tolist()
+    basis = input_basis(model, input_sae, features=live)
+    lines += [f"Input SAE on `{basis.hook_name}` (d_sae {basis.sae.d_sae}, {len(live)} fire on the corpus): "
+              f"{basis.space}.", ""]
     k2 = corr.ks.index(2) if 2 in corr.ks else 0
     c = corr.correlation[:, k2].nan_to_num(-2.0).masked_fill(~corr.alive, -2.0)
     if show is None:
