@@ -2,28 +2,32 @@
 
 A *reader* is a unit direction d read from the residual stream at some point (the final residual,
 the input of a head, the input of an MLP). Every component that writes into the residual stream
-before that point contributes to `d . x`. We score each one by the largest contribution it makes
-from **one real token through one path with attention 1** (real: a live token, one that occurs in
-the training text -- see `circuits.readout.live_token_mask`; tokens as their normalized embeddings,
-so every score is on the same scale and scores of different kinds are comparable):
+before that point contributes to `d . x`. Each one is scored by the largest contribution **one
+context token** makes through it, in residual units, with tokens as the model sees them:
 
-* the direct path (the token at the reading position): ``max_s |e_s . d|``;
-* head h of layer l (its OV path, the head attending to token s): ``max_s |e_s diag(g) W_V W_O d|``;
-  the head's QK side (which offsets and key tokens it prefers, `circuits.attention`) is attached;
-* an MLP of layer l writes ``sum_i lambda_i (v_i . x)^2`` along d (eigenpairs of Q(d)):
-  eigenvector i scores ``|lambda_i| max_{p, s} (v_i . R_p[s])^2`` over the token paths p into the
-  MLP (direct, each head up to layer l: `circuits.mlp_paths.token_paths`), and carries its best
-  *path pairs*: ``2 lambda_i (v_i . R_p[s]) (v_i . R_q[t])``, "the feature fires when token s via p
-  meets token t via q" (the rank-1 part of the MLP's path-pair expansion that this feature holds).
+* tokens are live (they occur in the training text; `circuits.readout.live_token_mask`) and read
+  through their *effective embeddings* (the residual the model builds for the token alone,
+  `circuits.token_view`), because a head of layer 1 reads a position that layer 0 has rewritten;
+* for a logit target the walk knows the *query* -- the token the prediction follows -- and a head
+  counts a key token with its *expected attention* from the query (`circuits.evidence.key_attention`):
+  ``max_s p(s) |ln1(E_s) diag(g) W_V W_O d|``. Away from the query (a head's own input) every key
+  counts with attention 1;
+* the direct path is the query's own embedding ``|W_E[query] . d|`` (without a query: the best token);
+* an MLP of layer l writes ``sum_i lambda_i (v_i . x)^2`` along d (eigenpairs of Q(d)); eigenvector i
+  scores ``|lambda_i| max_(route, s) (v_i . x_route[s])^2`` over the routes into the MLP (the query's
+  own residual and each head of layers <= l bringing a key token, divided by the MLP's input scale)
+  and carries its best *path pairs* ``2 lambda_i (v_i . x_p[s]) (v_i . x_q[t])``: "the feature fires
+  when token s via p meets token t via q" (the rank-1 part of the MLP's path-pair expansion that
+  this feature holds, `circuits.mlp_paths`).
 
-A node's *share* is its score over the sum of all scored candidates for the same reader; its
-*importance* is the sum over the readers it writes into of (reader importance x share). The walk is
-best-first by importance, keeps the top `k_features` eigenvectors per MLP and `k_heads` heads per
-attention layer for each reader, drops anything below `threshold`, and stops at `max_nodes`. A
-component reached from two readers (a head, the embeddings) is one node with two outgoing edges; an
-eigenvector belongs to its reader's interaction matrix, so it is a node of its own. Inputs of every
-reader are normalized residuals: results hold up to each norm's positive per-position scale.
-Positional embeddings (if learned) are not traced.
+So scores of every kind are in the same units and comparable within a reader. A node's *share* is
+its score over the sum of all scored candidates for the same reader; its *importance* is the sum
+over the readers it writes into of (reader importance x share). The walk is best-first by
+importance, keeps the top `k_features` eigenvectors per MLP and `k_heads` heads per attention layer
+for each reader, drops anything below `threshold`, and stops at `max_nodes`. A component reached
+from two readers (a head, the embeddings) is one node with two outgoing edges; an eigenvector
+belongs to its reader's interaction matrix, so it is a node of its own. Results hold up to each
+norm's positive per-position scale. Positional embeddings (if learned) are not traced.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from .attention import qk_preferences
 from .directions import head_directions, logit_diff_direction, unembed_direction
 from .graph import CircuitEdge, CircuitGraph, CircuitNode
 from .layer import check_bilinear, check_layer, eigendecompose
-from .mlp_paths import token_paths
+from .evidence import key_attention
+from .mlp_paths import ov_matrices
 from .readout import Live, TopTokens, live_token_ids, normalized_embeddings, token_label, top_tokens
+from .token_view import TokenView, token_view
 
 TokenLike = Union[int, str]
 Target = Union[TokenLike, tuple, list, Tensor]
@@ -135,67 +141,115 @@ class _Candidate:
     score: float
     direction: Tensor  # unit [d_model]: what this component reads (embed: the parent direction)
     reads_at: tuple[int, int]  # (layer, 0 = before attention, 1 = before the MLP)
+    at_query: bool = False  # read at the position being explained (True) or at an attended key
+
+
+@dataclass
+class _Route:
+    name: str  # "query" (the token itself) or "L{l}H{h}" (a head bringing a key token)
+    R: Tensor  # [n_live, d_model]: what each live token adds to the MLP input through this route
+
+
+class _Context:
+    """What the walk knows about tokens: effective embeddings (`circuits.token_view`) and, for a
+    logit target, the query token and each head's expected attention from it (`circuits.evidence`)."""
+
+    def __init__(self, model: Any, view: TokenView, query: Optional[int], competitors: float):
+        self.model, self.view, self.query, self.competitors = model, view, query, competitors
+        self._attention: dict[tuple[int, int], Tensor] = {}
+        self._routes: dict[tuple[int, bool], list[_Route]] = {}
+        self.embed = model.W_E.detach()[view.ids]  # raw embeddings: the direct path
+
+    def attention(self, layer: int, head: int, at_query: bool) -> Tensor:
+        """[n_live]: expected attention from the query, or 1 when the reader is not at the query."""
+        if not at_query or self.query is None:
+            return torch.ones(self.view.ids.numel(), dtype=self.view.resid[0].dtype, device=self.view.ids.device)
+        if (layer, head) not in self._attention:
+            self._attention[layer, head] = key_attention(self.model, self.view, layer, head, self.query,
+                                                         competitors=self.competitors).to(self.view.resid[0].dtype)
+        return self._attention[layer, head]
+
+    def routes(self, layer: int, at_query: bool) -> list[_Route]:
+        """Routes into the MLP of `layer`, divided by the MLP's input scale (the query's ln2 scale, or
+        each token's own / the median one away from the query)."""
+        key = (layer, at_query and self.query is not None)
+        if key not in self._routes:
+            view, q = self.view, self.query
+            scale = view.ln2_scale[layer]
+            if key[1]:
+                s = scale[q]
+                routes = [_Route("query", view.resid[layer][q:q + 1].expand(view.ids.numel(), -1) / s
+                                 * (torch.arange(view.ids.numel(), device=s.device) == q)[:, None])]
+            else:
+                s = scale.median()
+                routes = [_Route("direct", view.resid[layer] / scale[:, None])]
+            for l in range(layer + 1):
+                ov = ov_matrices(self.model, l).to(view.resid[0].dtype)
+                X = view.normalized(l)
+                for h in range(self.model.cfg.n_heads):
+                    p = self.attention(l, h, key[1])
+                    routes.append(_Route(f"L{l}H{h}", p[:, None] * (X @ ov[h]) / s))
+            self._routes[key] = routes
+        return self._routes[key]
 
 
 def _ov_vectors(model: Any, layer: int, d: Tensor) -> Tensor:
     """w_h = diag(ln1 gain) W_V^h W_O^h d for every head of `layer`: [n_heads, d_model]."""
-    attn = model.blocks[layer].attn
-    W_V = attn.W_V.detach()  # [n_heads, d_model, d_head]
-    W_O = attn.W_O.detach() * model.cfg.attn_out_scale  # [n_heads, d_head, d_model]
-    w = torch.einsum("hdk,hkm,m->hd", W_V, W_O, d.to(W_V.dtype))
-    gain = getattr(model.blocks[layer].ln1, "w", None)
-    return w * gain.detach() if gain is not None else w
+    return ov_matrices(model, layer).to(d.dtype) @ d
 
 
-def _candidates(model: Any, d: Tensor, at: tuple[int, int], layers: Sequence[int], X: Tensor,
-                k_features: int, k_heads: int, include_direct: bool, paths_of: Any) -> tuple[list[_Candidate], float]:
+def _candidates(model: Any, d: Tensor, at: tuple[int, int], layers: Sequence[int], ctx: _Context, at_query: bool,
+                k_features: int, k_heads: int, include_direct: bool) -> tuple[list[_Candidate], float]:
     """Scored writers into reader direction d (unit [d_model]) read at `at`; also the total score.
-    X: live tokens' normalized embeddings [n_live, d_model]; paths_of(l): token paths into MLP l."""
+    Scores are contributions of one live token through one route (module docstring)."""
     d_model = model.cfg.d_model
+    view = ctx.view
     out, total = [], 0.0
     for l in layers:
         if l < at[0]:  # MLP l writes before both reading points of layers > l
             k = min(k_features, d_model)
             eig = eigendecompose(model, l, d, k=k)
+            routes = ctx.routes(l, at_query)
             for i in range(eig.k):
                 v = eig.vectors[:d_model, i].to(d.dtype)
                 v = v / v.norm().clamp_min(1e-12)
-                s = X @ v  # canonical sign: the strongest direct token reads positive
-                v = v * (1.0 if float(s[s.abs().argmax()]) >= 0 else -1.0)
-                reach = max(float((p.R.to(v.dtype) @ v).abs().max()) for p in paths_of(l))
-                score = abs(float(eig.values[i])) * reach ** 2
+                reads = torch.stack([r.R @ v for r in routes])  # [n_routes, n_live]
+                # canonical sign: the strongest single read is positive
+                v = v * (1.0 if float(reads.flatten()[reads.abs().argmax()]) >= 0 else -1.0)
+                score = abs(float(eig.values[i])) * float(reads.abs().max()) ** 2
                 total += score
-                out.append(_Candidate("mlp_feature", l, None, i, float(eig.values[i]), score, v, (l, 1)))
+                out.append(_Candidate("mlp_feature", l, None, i, float(eig.values[i]), score, v, (l, 1), at_query))
         if l < at[0] or (l == at[0] and at[1] == 1):  # heads of layer l write before l's MLP
-            w = _ov_vectors(model, l, d)
-            scores = (X @ w.T).abs().amax(0)  # [n_heads]: best real token through each head
+            w = _ov_vectors(model, l, d)  # [n_heads, d_model]
+            reads = view.normalized(l).to(w.dtype) @ w.T  # [n_live, n_heads]
+            weights = torch.stack([ctx.attention(l, h, at_query) for h in range(model.cfg.n_heads)], -1)
+            scores = (reads * weights).abs().amax(0)  # [n_heads]: best key token through each head
             total += float(scores.sum())
             norms = w.norm(dim=-1)
             for h in scores.argsort(descending=True)[:k_heads].tolist():
                 out.append(_Candidate("head_ov", l, h, None, None, float(scores[h]),
-                                      w[h] / norms[h].clamp_min(1e-12), (l, 0)))
+                                      w[h] / norms[h].clamp_min(1e-12), (l, 0), False))
     if include_direct:
-        score = float((X @ d).abs().max())
+        reads = ctx.embed.to(d.dtype) @ d
+        score = float(reads[ctx.query].abs()) if at_query and ctx.query is not None else float(reads.abs().max())
         total += score
-        out.append(_Candidate("embed", None, None, None, None, score, d, (-1, 0)))
+        out.append(_Candidate("embed", None, None, None, None, score, d, (-1, 0), at_query))
     return out, total
 
 
-def _feature_path_pairs(model: Any, v: Tensor, eigenvalue: float, paths: Sequence[Any], ids: Tensor,
+def _feature_path_pairs(model: Any, v: Tensor, eigenvalue: float, routes: Sequence[_Route], ids: Tensor,
                         n: int = 3) -> list[tuple[str, str, str, str, float]]:
-    """The best path pairs of one MLP feature: lambda (v . R_p[s]) (v . R_q[t]) times 2 for a cross
-    term, over pairs of token paths p, q and live tokens s, t; [(p, token s, q, token t, value)]."""
-    reads = [(p.name, p.R.to(v.dtype) @ v) for p in paths]  # [n_live] each
+    """The best route pairs of one MLP feature: lambda (v . R_p[s]) (v . R_q[t]), twice for a cross
+    term, over pairs of routes p, q and live tokens s, t; [(p, token s, q, token t, value)]."""
+    reads = [(r.name, r.R.to(v.dtype) @ v) for r in routes]  # [n_live] each
     found = []
     for a, (p, rp) in enumerate(reads):
         for q, rq in reads[a:]:
-            # lambda rp[s] rq[t] is largest at the extremes of rp and rq with the sign of lambda
+            # lambda rp[s] rq[t] is largest at the extremes of rp and rq
             for sp, sq in ((1, 1), (-1, -1), (1, -1), (-1, 1)):
                 s, t = int((sp * rp).argmax()), int((sq * rq).argmax())
-                if p == q and s == t:
-                    value = eigenvalue * float(rp[s]) ** 2
-                else:
-                    value = (1.0 if p == q and s == t else 2.0) * eigenvalue * float(rp[s]) * float(rq[t])
+                factor = 1.0 if p == q and s == t else 2.0
+                value = factor * eigenvalue * float(rp[s]) * float(rq[t])
                 found.append((p, token_label(model, int(ids[s])), q, token_label(model, int(ids[t])), value))
     found = sorted(set(found), key=lambda f: -abs(f[4]))
     return found[:n]
@@ -226,22 +280,37 @@ def feature_tokens(model: Any, layer: int, v: Tensor, n_tokens: int = 8,
 
 
 def _node(model: Any, c: _Candidate, node_id: str, parent_dir: Tensor, importance: float, X: Tensor,
-          n_tokens: int, live: Live, ids: Tensor, paths_of: Any) -> CircuitNode:
+          n_tokens: int, live: Live, ctx: _Context) -> CircuitNode:
     fields: dict[str, Any] = {}
+    view = ctx.view
     if c.kind == "mlp_feature":
         label = f"MLP{c.layer} eigenvector {c.index} (lambda={c.eigenvalue:+.3g})"
         direct, head, ov = feature_tokens(model, c.layer, c.direction, n_tokens, X, live)
         fields.update(tokens_positive=direct.positive, tokens_negative=direct.negative, readout="direct",
                       ov_head=head, ov_tokens_positive=ov.positive, ov_tokens_negative=ov.negative,
-                      path_pairs=_feature_path_pairs(model, c.direction, c.eigenvalue, paths_of(c.layer), ids))
+                      path_pairs=_feature_path_pairs(model, c.direction, c.eigenvalue, ctx.routes(c.layer, c.at_query), view.ids))
     elif c.kind == "head_ov":
         label = f"L{c.layer}H{c.head} OV"
-        qk = qk_preferences(model, c.layer, c.head, live=live, n=n_tokens)
-        fields.update(_tokens(model, X @ (c.direction * c.score), n_tokens, live), readout="virtual tokens",
-                      qk=qk.summary(n=4))
+        reads = view.normalized(c.layer).to(c.direction.dtype) @ (c.direction * c.score)
+        p = ctx.attention(c.layer, c.head, True)
+        weighted = reads * p if ctx.query is not None else reads
+        top = weighted.topk(min(n_tokens, weighted.numel()))
+        fields.update(tokens_positive=[(token_label(model, int(view.ids[i])), float(weighted[i])) for i in top.indices],
+                      readout="tokens it brings" + (f" from {token_label(model, int(view.ids[ctx.query]))!r}" if ctx.query is not None else ""))
+        if ctx.query is not None:
+            keys = p.topk(min(4, p.numel()))
+            fields["qk"] = (f"from {token_label(model, int(view.ids[ctx.query]))!r} attends to "
+                            + ", ".join(f"{token_label(model, int(view.ids[i]))!r} {float(v):.2f}" for v, i in zip(keys.values, keys.indices)))
+        else:
+            fields["qk"] = qk_preferences(model, c.layer, c.head, live=live, n=n_tokens).summary(n=4)
     else:
         label = "token embeddings (direct path)"
-        fields.update(_tokens(model, X @ parent_dir, n_tokens, live), readout="direct")
+        reads = ctx.embed.to(parent_dir.dtype) @ parent_dir
+        if c.at_query and ctx.query is not None:
+            fields.update(tokens_positive=[(token_label(model, int(view.ids[ctx.query])), float(reads[ctx.query]))],
+                          readout="the query token")
+        else:
+            fields.update(_tokens(model, X @ parent_dir, n_tokens, live), readout="direct")
     return CircuitNode(id=node_id, kind=c.kind, layer=c.layer, head=c.head, index=c.index, eigenvalue=c.eigenvalue,
                        score=c.score, importance=importance, label=label, **fields)
 
@@ -259,6 +328,8 @@ def find_circuit(
     n_tokens: int = 8,
     read_at: Optional[int] = None,
     live: Live = None,
+    query: Optional[Union[int, str]] = None,
+    competitors: float = 1.0,
 ) -> CircuitGraph:
     """The components whose weight-derived contribution to `target` is largest, as a `CircuitGraph`.
 
@@ -270,7 +341,11 @@ def find_circuit(
     max_nodes: size cap (target included); n_tokens: top tokens stored per node.
     live: which tokens may be read (default: those the model's `token_counts` saw in training, or
     all when it has none; "all"; a bool mask or counts [d_vocab]).
-    Nothing here runs the model: every number comes from its weights."""
+    query: the token the prediction follows (default for a logit target: the live token after which
+    its tokens are most likely, see `circuits.evidence`; none for other targets); competitors: how
+    many typical tokens an attended token competes with (`circuits.evidence.key_attention`).
+    Nothing here runs on data: the numbers come from the weights, and from the model reading one
+    token at a time (`circuits.token_view`)."""
     check_bilinear(model)
     for name, value, low in (("k_features", k_features, 1), ("k_heads", k_heads, 0), ("max_nodes", max_nodes, 1), ("n_tokens", n_tokens, 1)):
         if not isinstance(value, int) or value < low:
@@ -284,14 +359,16 @@ def find_circuit(
     direction, at_layer, description = target_direction(model, target, read_at)
     d = (direction / direction.norm().clamp_min(1e-12)).to(model.W_E.dtype)
     X = normalized_embeddings(model).to(d.dtype)  # [d_vocab, d_model]
-    ids = live_token_ids(model, live).to(X.device)
-    X_live = X[ids]
-    path_cache: dict[int, list] = {}
-
-    def paths_of(layer: int) -> list:
-        if layer not in path_cache:
-            path_cache[layer] = token_paths(model, layer, token_ids=ids, composition=False, mlps=False)
-        return path_cache[layer]
+    view = token_view(model, live)
+    ids = view.ids
+    q = None
+    if query is not None:
+        q = view.index(_token_id(model, query))
+    elif at_layer == n_layers and not isinstance(target, Tensor) and not hasattr(target, "__array__"):
+        class_ids = _token_ids(model, target) if isinstance(target, (int, str)) else \
+            _token_ids(model, target[0]) + _token_ids(model, target[1])
+        q = int(view.log_probs[:, class_ids].logsumexp(-1).argmax())
+    ctx = _Context(model, view, q, competitors)
 
     root = CircuitNode(id="target", kind="target", layer=at_layer, label=description, importance=1.0,
                        score=float(direction.norm()))
@@ -303,17 +380,19 @@ def find_circuit(
     graph = CircuitGraph(target=description, nodes=[root], meta=dict(
         layers=layers, k_features=k_features, k_heads=k_heads, threshold=threshold, max_nodes=max_nodes,
         read_at=at_layer, d_model=model.cfg.d_model, n_layers=n_layers, d_vocab=model.cfg.d_vocab,
-        n_live_tokens=int(ids.numel()),
-        score="largest contribution to the parent direction from one live token through one path with attention 1: "
-              "|lambda| max_(p,s) (v . R_p[s])^2 (MLP feature), max_s |e_s diag(g) W_V W_O d| (head), "
-              "max_s |e_s . d| (embeddings); e_s = normalized embedding",
+        n_live_tokens=int(ids.numel()), query=None if q is None else token_label(model, int(ids[q])),
+        score="largest contribution to the parent direction of one live token through one route, in residual units: "
+              "|lambda| max_(route, s) (v . x_route[s])^2 (MLP feature), max_s p(s) |ln1(E_s) diag(g) W_V W_O d| (head; "
+              "p(s) = expected attention from the query, 1 away from it), |W_E[query] . d| (embeddings); E_s = the "
+              "token's effective embedding",
     ))
 
     counter = itertools.count()
     heap: list = []
 
-    def push_children(node_id: str, d: Tensor, at: tuple[int, int], importance: float, head: bool = False) -> None:
-        cands, total = _candidates(model, d, at, layers, X_live, k_features, k_heads, include_direct, paths_of)
+    def push_children(node_id: str, d: Tensor, at: tuple[int, int], importance: float, at_query: bool,
+                      head: bool = False) -> None:
+        cands, total = _candidates(model, d, at, layers, ctx, at_query, k_features, k_heads, include_direct)
         for c in cands:
             if head and c.kind == "embed":
                 continue  # counted in the shares, but its tokens are the head's own virtual tokens
@@ -321,7 +400,7 @@ def find_circuit(
             if importance * share >= threshold and share > 0:
                 heapq.heappush(heap, (-importance * share, next(counter), c, node_id, d, share))
 
-    push_children("target", d, (at_layer, 0), 1.0)
+    push_children("target", d, (at_layer, 0), 1.0, at_query=q is not None)
     nodes: dict[str, CircuitNode] = {}
     while heap and len(graph.nodes) < max_nodes:
         neg_imp, _, c, parent_id, parent_dir, share = heapq.heappop(heap)
@@ -333,9 +412,9 @@ def find_circuit(
         if node_id in nodes:  # reached again: one node, one more reader
             nodes[node_id].importance += -neg_imp
             continue
-        nodes[node_id] = _node(model, c, node_id, parent_dir, -neg_imp, X, n_tokens, live, ids, paths_of)
+        nodes[node_id] = _node(model, c, node_id, parent_dir, -neg_imp, X, n_tokens, live, ctx)
         graph.nodes.append(nodes[node_id])
         if c.kind == "mlp_feature" or (c.kind == "head_ov" and c.layer > 0):
-            push_children(node_id, c.direction, c.reads_at, -neg_imp, head=c.kind == "head_ov")
+            push_children(node_id, c.direction, c.reads_at, -neg_imp, at_query=c.at_query, head=c.kind == "head_ov")
     graph.validate()
     return graph

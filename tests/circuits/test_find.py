@@ -38,7 +38,9 @@ def test_graph_is_consistent(graph):
             assert src.ov_head and len(src.tokens_positive) == 8 and src.path_pairs
         if src.kind == "head_ov":
             assert src.layer <= dst.layer if dst.kind == "mlp_feature" else src.layer < dst.layer
-            assert src.qk.startswith(f"L{src.layer}H{src.head} attends to offset")
+            # where the head looks: from the query (logit targets) or, without one, by offset and key
+            assert src.qk.startswith(f"from '{g.meta['query']}' attends to") if g.meta["query"] else \
+                src.qk.startswith(f"L{src.layer}H{src.head} attends to offset")
     for n in g.nodes[1:]:  # importance: the sum over its readers of (reader importance x share)
         assert n.importance == pytest.approx(incoming[n.id], rel=1e-6)
         assert n.importance >= g.meta["threshold"]
@@ -47,28 +49,40 @@ def test_graph_is_consistent(graph):
 
 
 def test_scores_are_contributions_of_real_tokens(graph):
-    """A feature scores |lambda| max_(p, s) (v . R_p[s])^2 over the token paths into its MLP; a head
-    max_s |e_s W_OV d|; both over live tokens only."""
+    """Read at the query: a head scores max_s p(s) |ln1(E_s) W_OV d| (expected attention p from the
+    query, effective embeddings E); the direct path |W_E[query] . d|; a feature |lambda| times its
+    largest squared read, at least the query's own."""
+    from circuits.evidence import key_attention
     from circuits.find import _ov_vectors
     from circuits.layer import eigendecompose
-    from circuits.mlp_paths import token_paths
-    from circuits.readout import normalized_embeddings
+    from circuits.token_view import token_view
 
     model, g = graph
     u = unembed_direction(model, 5)
     d = u / u.norm()
-    X = normalized_embeddings(model)
-    for node in g.nodes:
-        edge = next(e for e in g.edges if e.source == node.id) if node.kind != "target" else None
-        if node.kind == "mlp_feature" and edge.target == "target":
+    view = token_view(model)
+    q = [str(int(t)) for t in view.ids].index(g.meta["query"])  # no tokenizer: labels are ids
+    checked = set()
+    for e in g.edges:
+        node = g.node(e.source)
+        if e.target != "target":
+            continue
+        if node.kind == "head_ov":
+            p = key_attention(model, view, node.layer, node.head, q)
+            reads = view.normalized(node.layer) @ _ov_vectors(model, node.layer, d)[node.head]
+            assert e.weight == pytest.approx(float((p * reads).abs().max()), rel=1e-4)
+            checked.add("head")
+        if node.kind == "embed":
+            assert e.weight == pytest.approx(abs(float(model.W_E.detach()[view.ids[q]] @ d)), rel=1e-4)
+            checked.add("embed")
+        if node.kind == "mlp_feature":
             eig = eigendecompose(model, node.layer, d, k=node.index + 1)
-            v = eig.vectors[:, node.index]
-            reach = max(float((p.R @ v).abs().max()) for p in token_paths(model, node.layer, composition=False, mlps=False))
-            assert edge.weight == pytest.approx(abs(float(eig.values[node.index])) * reach ** 2, rel=1e-4)
             assert node.eigenvalue == pytest.approx(float(eig.values[node.index]), rel=1e-5)
-        if node.kind == "head_ov" and edge.target == "target":
-            w = _ov_vectors(model, node.layer, d)[node.head]
-            assert edge.weight == pytest.approx(float((X @ w).abs().max()), rel=1e-4)
+            v = eig.vectors[:, node.index]
+            x_q = view.resid[node.layer][q] / view.ln2_scale[node.layer][q]
+            assert e.weight >= abs(node.eigenvalue) * float(x_q @ v) ** 2 * (1 - 1e-5)
+            checked.add("mlp")
+    assert {"head", "mlp"} <= checked
 
 
 def test_dead_tokens_never_appear():
