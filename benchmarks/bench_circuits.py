@@ -1,7 +1,10 @@
 """Benchmark of the weight-only circuits core: dense route vs ours, on random weights.
 
 Run by hand:  python benchmarks/bench_circuits.py [--sizes ts-medium,tinyllama] [--quick]
-Writes a markdown table to benchmarks/results/bench_circuits.md.
+Writes a markdown table to --out (default runs/benchmarks/bench_circuits.md, untracked; the
+README's table is benchmarks/results/bench_circuits.md). Seconds are medians with the range of the
+samples and their count ([min-max, n]): --repeats runs of the cheap rows (matmul, (a), the HOSVD
+Gram route); the long (b) runs and the explicit HOSVD run once ([n=1]).
 
 Rows per size:
   matmul           plain [1024, d] x [d, 2 d_mlp] GEMM in the same run (the machine's reference rate)
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchstats import default_out, fmt  # noqa: E402
 from circuits import (eigendecompose_from_weights, hosvd_from_weights,  # noqa: E402
                       interaction_matrix_from_weights, topk_eigenvalues_many)
 from circuits.many import default_krylov_steps  # noqa: E402
@@ -48,6 +54,18 @@ def timed(f):
     t = time.perf_counter()
     out = f()
     return out, time.perf_counter() - t
+
+
+REPEATS = 3  # set from --repeats
+
+
+def timed_n(f, n=None):
+    """The last result and the seconds of each of ``n`` runs (default ``REPEATS``)."""
+    secs = []
+    for _ in range(n or REPEATS):
+        out, t = timed(f)
+        secs.append(t)
+    return out, secs
 
 
 def topk_abs(ev: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,8 +91,11 @@ def bench_size(name, quick, rows, n_sub, n_exact, n_sub32):
     f4 = 4
 
     def row(task, method, secs, gflop, mem, err="", note=""):
-        rate = f"{gflop / secs:.0f}" if gflop and secs else ""
-        rows.append([name, task, method, f"{secs:.2f}", rate, mem, err, note])
+        samples = secs if isinstance(secs, list) else [secs]
+        med = statistics.median(samples)
+        rate = f"{gflop / med:.0f}" if gflop and med == med and med else ""  # from the median
+        shown = fmt(samples, "", 2).replace("  ", " ") if med == med else "not run"
+        rows.append([name, task, method, shown, rate, mem, err, note])
         print(" | ".join(rows[-1]), flush=True)
 
     # Reference GEMM rate, same shapes as the matrix-free step.
@@ -82,9 +103,9 @@ def bench_size(name, quick, rows, n_sub, n_exact, n_sub32):
     for dt, lab in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         X, Wc = torch.randn(1024, d).to(dt), torch.randn(d, 2 * m).to(dt)
         X @ Wc
-        _, s = timed(lambda: [X @ Wc for _ in range(3)])
-        rate[lab] = 2 * 1024 * d * 2 * m / GB / (s / 3)
-        row("matmul", f"[1024,{d}]x[{d},{2 * m}] {lab}", s / 3, 2 * 1024 * d * 2 * m / GB,
+        _, s = timed_n(lambda: X @ Wc, max(3, REPEATS))
+        rate[lab] = 2 * 1024 * d * 2 * m / GB / statistics.median(s)
+        row("matmul", f"[1024,{d}]x[{d},{2 * m}] {lab}", s, 2 * 1024 * d * 2 * m / GB,
             fmt_mem((1024 * d + d * 2 * m + 1024 * 2 * m) * X.element_size()))
 
     # Warm-up: the first LAPACK eigh call in a process pays a one-time cost of seconds.
@@ -97,22 +118,20 @@ def bench_size(name, quick, rows, n_sub, n_exact, n_sub32):
 
     # (a) one direction, top-16 eigenpairs.
     u = U[0]
-    dense, s_dense = timed(lambda: eigendecompose_from_weights(u=u, k=K, method="dense", **W))
+    dense, s_dense = timed_n(lambda: eigendecompose_from_weights(u=u, k=K, method="dense", **W))
     row("(a) 1 dir top-16 eigenpairs", "dense: form Q + eigh", s_dense,
         (2 * d * d * m + 9 * d ** 3) / GB, fmt_mem(f4 * (2 * d * m + 3 * d * d)), "ref")
     Q0 = interaction_matrix_from_weights(u=u, **W)
     qn = float(dense.values.abs().max())
     blk_steps = -(-min(d, 24 * K) // 16)
-    for rep in range(2):  # best of 2 (the machine is shared)
-        blk, s_b = timed(lambda: eigendecompose_from_weights(u=u, k=K, method="block", **W))
-        s_blk = s_b if rep == 0 else min(s_blk, s_b)
+    blk, s_blk = timed_n(lambda: eigendecompose_from_weights(u=u, k=K, method="block", **W))
     resid = float(((Q0 @ blk.vectors - blk.vectors * blk.values).norm(dim=0) / qn).max())
     row("(a) 1 dir top-16 eigenpairs",
         f"block Lanczos, 16 x {blk_steps} steps bf16 + fp32 Rayleigh-Ritz (auto)", s_blk,
         (blk_steps * 16 + 2 * K) * 8 * d * m / GB,
         fmt_mem(2 * d * 2 * m + f4 * 2 * blk_steps * 16 * d),
-        f"{rel_err(blk.values, dense.values):.1e}; resid {resid:.1e}", "best of 2")
-    lan, s_lan = timed(lambda: eigendecompose_from_weights(u=u, k=K, method="lanczos", **W))
+        f"{rel_err(blk.values, dense.values):.1e}; resid {resid:.1e}")
+    lan, s_lan = timed_n(lambda: eigendecompose_from_weights(u=u, k=K, method="lanczos", **W))
     steps_a = min(d, max(12 * K + 100, 4 * int(d ** 0.5)))
     row("(a) 1 dir top-16 eigenpairs", f"single-vector Lanczos fp32 (<= {steps_a} steps)", s_lan,
         steps_a * 8 * d * m / GB, fmt_mem(f4 * (steps_a * d + 2 * d * m)),
@@ -163,7 +182,7 @@ def bench_size(name, quick, rows, n_sub, n_exact, n_sub32):
         floor, vocab * steps * 8 * d * m / GB, "", "", "lower bound for this method, not a run")
 
     # (c) HOSVD over all residual directions (U = identity).
-    h, s_h = timed(lambda: hosvd_from_weights(**W))
+    h, s_h = timed_n(lambda: hosvd_from_weights(**W))
     row("(c) HOSVD (all d_model outputs)", "Gram route", s_h,
         (3 * 2 * m * m * d + 2 * m * m * d + 2 * m * d * d + 9 * d ** 3) / GB,
         fmt_mem(f4 * (4 * m * m + 2 * d * m) + 8 * 3 * d * d))
@@ -191,8 +210,11 @@ def main():
                    help="directions measured for (b) at sizes whose full run is long (tinyllama)")
     p.add_argument("--exact", type=int, default=8,
                    help="directions checked against dense fp64 eigvalsh at large sizes")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_circuits.md"))
+    p.add_argument("--repeats", type=int, default=3, help="runs of each cheap row (median and range reported)")
+    p.add_argument("--out", default=default_out("bench_circuits"), help="markdown table (default: untracked)")
     a = p.parse_args()
+    global REPEATS
+    REPEATS = a.repeats
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     rows = []
@@ -206,7 +228,7 @@ def main():
         n_sub32 = 64 if big else (256 if a.quick else None)  # fp32 Lanczos: the slower variant
         n_exact = (3 if a.quick else a.exact) if big else 32
         bench_size(name, a.quick, rows, n_sub, n_exact, n_sub32)
-    head = ["size", "task", "method", "seconds", "GFLOP/s (nominal)", "memory in flight (theoretical)",
+    head = ["size", "task", "method", "seconds: median [range, n]", "GFLOP/s (nominal)", "memory in flight (theoretical)",
             "max rel. error of top-16 |lambda|", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -9,9 +9,10 @@ AdamW, clipping, accumulation) on random tokens, in bf16 autocast over float32 m
     python benchmarks/bench_finetune.py --no-checkpointing --micro 8
     python benchmarks/bench_finetune.py --small                  # CPU: 2 layers, d_model 256, ctx 256
 
-Reports the median step time over the timed steps (after warm-up), tokens/s, peak memory (CUDA: max
-allocated and reserved; CPU: peak RSS) and the projected wall time of the 400M-token recipe on this
-device; appends a markdown row to benchmarks/results/bench_finetune.md (``--out``).
+Reports the median step time over the timed steps (after warm-up) with their range, tokens/s from
+that median, peak memory (CUDA: max allocated and reserved; CPU: peak RSS) and the projected wall time
+of the 400M-token recipe on this device; appends a markdown row to ``--out`` (default
+runs/benchmarks/bench_finetune.md, untracked; the tracked table is benchmarks/results/bench_finetune.md).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchstats import default_out, fmt  # noqa: E402
 
 FULL = dict(n_layers=22, d_model=2048, n_heads=32, n_key_value_heads=4, d_mlp=5632, d_vocab=32000, n_ctx=2048)
 SMALL = dict(n_layers=2, d_model=256, n_heads=8, n_key_value_heads=2, d_mlp=704, d_vocab=4096, n_ctx=256)
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_finetune.md"))
+    p.add_argument("--out", default=default_out("bench_finetune"), help="markdown table (default: untracked)")
     args = p.parse_args(argv)
 
     import torch
@@ -107,14 +110,14 @@ def main(argv=None) -> int:
         device = f"CPU ({torch.get_num_threads()} threads)"
     hours = RECIPE_TOKENS / tok_s / 3600
     row = (f"| {device} | {n_params / 1e6:.0f}M | {seq_len} | {micro} x {args.accum} | {'yes' if ckpt else 'no'} | "
-           f"{'bf16' if cuda else 'fp32'} | {step_s:.2f} s | {tok_s:,.0f} | {peak} | {hours:,.1f} h |")
-    print(f"{n_params / 1e6:.1f}M parameters on {device}: step {step_s:.3f} s (median of {len(timed)}), "
+           f"{'bf16' if cuda else 'fp32'} | {fmt(timed, 's', 2)} | {tok_s:,.0f} | {peak} | {hours:,.1f} h |")
+    print(f"{n_params / 1e6:.1f}M parameters on {device}: step {fmt(timed, 's', 3)} (median [range, n]), "
           f"{tok_s:,.0f} tokens/s, peak {peak}; 400M tokens would take {hours:,.1f} h on this device")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():
         out.write_text("# bench_finetune: TinyLlama-shaped finetuning steps (random weights, beta gate)\n\n"
-                       "| device | params | ctx | micro x accum | grad ckpt | precision | step | tokens/s | peak memory | 400M tokens (this model, this device) |\n"
+                       "| device | params | ctx | micro x accum | grad ckpt | precision | step: median [range, n] | tokens/s (from the median) | peak memory | 400M tokens (this model, this device) |\n"
                        "|---|---|---|---|---|---|---|---|---|---|\n")
     with open(out, "a") as f:
         f.write(row + "\n")

@@ -6,8 +6,9 @@
 One run builds a random bilinear `LlamaForCausalLM(hidden_act="linear")`, wraps it in TransformerLens
 4.x's `TransformerBridge`, converts it into a `HookedBilinearTransformer`, checks the three agree,
 then times each row for each model, interleaved (round-robin) so machine noise hits all alike, and
-reports medians and ratios against the HF forward. The table goes to
-benchmarks/results/bench_model.md (shown in the README).
+reports each time as its median with the range of the samples, and ratios of medians. The table
+goes to ``--out`` (default runs/benchmarks/bench_model.md; the README's table is
+benchmarks/results/bench_model.md: pass that path to update it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import os
 import statistics
 import tempfile
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchstats import default_out, fmt, write  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -75,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model for a smoke run")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_model.md"))
+    parser.add_argument("--out", default=default_out("bench_model"), help="markdown table (default: untracked)")
     args = parser.parse_args()
     size = SIZES["quick" if args.quick else "ts-medium"]
     torch.set_num_threads(os.cpu_count() or 1)
@@ -127,7 +132,7 @@ def main() -> None:
     lines = [
         f"Size: {size['n_layers']} layers, d_model {size['d_model']}, d_mlp {size['d_mlp']}, vocab {size['d_vocab']}, "
         f"batch {size['batch']} x {size['n_ctx']}, float32, {torch.get_num_threads()} CPU threads; "
-        f"median of {args.repeats} (training: {max(2, args.repeats // 2)}); ratio = time / HF forward.",
+        f"median [range, n] of {args.repeats} (training: {max(2, args.repeats // 2)}); ratio = median / median of HF forward.",
         "",
         "| row | HF LlamaForCausalLM | TransformerLens bridge | HookedBilinearTransformer | ours / bridge |",
         "|---|---|---|---|---|",
@@ -136,7 +141,7 @@ def main() -> None:
         cells = []
         for model in ("HF", "bridge", "ours"):
             t = medians.get((row, model))
-            cells.append("n/a" if t is None else f"{t:.3f} s ({t / hf_forward:.2f}x)")
+            cells.append("n/a" if t is None else f"{fmt(timed[(row, model)])} ({t / hf_forward:.2f}x)")
         ratio = medians[(row, "ours")] / medians[(row, "bridge")]
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     lines.append(
@@ -152,9 +157,7 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table + "\n")
-    print(f"\nwritten to {args.out}")
+    write(args.out, table + "\n")
 
 
 if __name__ == "__main__":

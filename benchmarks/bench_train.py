@@ -2,9 +2,12 @@
 
 Both models have the same size (bilinear MLP = Llama MLP with a linear "activation") and run in the
 same loop (`training.loop.Trainer`: AdamW, clipping, accumulation, the same data), each in its own
-spawned process so peak memory is measured per model. Reports tokens/s (median over timed steps,
-after warm-up steps) and peak memory (CUDA: max allocated; CPU: peak RSS growth over the process's
-RSS before the model was built), prints the ratios and writes a markdown table.
+spawned process so peak memory is measured per model; the two alternate for ``--rounds`` rounds so
+background load hits both alike. Reports tokens/s as the median over every timed step of every round
+(after warm-up steps), with the range of the per-step rates, and peak memory (CUDA: max allocated;
+CPU: peak RSS growth over the process's RSS before the model was built; median over rounds). Ratios
+divide medians by medians. Writes a markdown table to ``--out`` (default runs/benchmarks/bench_train.md,
+untracked; pass benchmarks/results/bench_train.md to update the tracked one).
 
     python benchmarks/bench_train.py                  # small: 4 layers, d_model 256 (CPU friendly)
     python benchmarks/bench_train.py --size ts-medium # 6 layers, d_model 512, ctx 256, vocab 4096
@@ -20,6 +23,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchstats import default_out, fmt, ratio, write  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {
@@ -109,10 +115,12 @@ def worker(kind: str, args: dict, queue) -> None:
         trainer = Trainer(model, cfg, data, None, run_dir=run_dir, accelerator=make_accelerator(cfg),
                           callbacks=[timer], loss_fn=loss_fn, seq_len=size["n_ctx"])
         trainer.train()
-    step_s = statistics.median(timer.times[args["warmup"]:])
+    steps_s = timer.times[args["warmup"]:]
+    step_s = statistics.median(steps_s)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb() - base_rss
     queue.put({"kind": kind, "params": n_params, "tokens_per_s": args["batch"] * size["n_ctx"] / step_s,
-               "step_s": step_s, "peak_mb": peak, "device": "cuda" if torch.cuda.is_available() else "cpu"})
+               "step_s": step_s, "steps_s": steps_s, "peak_mb": peak,
+               "device": "cuda" if torch.cuda.is_available() else "cpu"})
 
 
 def run_one(kind: str, args: dict) -> dict:
@@ -132,25 +140,34 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per forward (default: --batch)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=2, help="alternate the models this many times; best kept")
+    parser.add_argument("--rounds", type=int, default=3, help="alternate the models this many times; all steps pooled")
     parser.add_argument("--mixed-precision", default="auto")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_train.md"))
+    parser.add_argument("--out", default=default_out("bench_train"), help="markdown table (default: untracked)")
     ns = parser.parse_args(argv)
     args = dict(size=ns.size, batch=ns.batch, micro_batch=ns.micro_batch or ns.batch, steps=ns.steps,
                 warmup=ns.warmup, mixed_precision=ns.mixed_precision)
 
-    best: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {"ours": [], "hf-llama-linear": []}
     for _ in range(ns.rounds):  # alternate, so background load hits both alike
-        for kind in ("ours", "hf-llama-linear"):
+        for kind in rounds:
             r = run_one(kind, args)
             print(f"{kind:16s} {r['tokens_per_s']:10.0f} tok/s  step {r['step_s'] * 1e3:8.1f} ms  peak {r['peak_mb']:8.1f} MB")
-            if kind not in best or r["tokens_per_s"] > best[kind]["tokens_per_s"]:
-                best[kind] = r
-    ours, hf = best["ours"], best["hf-llama-linear"]
-    speed, mem = ours["tokens_per_s"] / hf["tokens_per_s"], ours["peak_mb"] / max(hf["peak_mb"], 1e-9)
-    print(f"ratio ours/hf: tokens/s {speed:.2f}x, peak memory {mem:.2f}x")
+            rounds[kind].append(r)
+    tokens_per_step = args["batch"] * SIZES[ns.size]["n_ctx"]
+    ours, hf = (pooled(rounds[k], tokens_per_step) for k in ("ours", "hf-llama-linear"))
+    speed = ratio(ours["tok_s"], hf["tok_s"])
+    mem = statistics.median(ours["peak_mb"]) / max(statistics.median(hf["peak_mb"]), 1e-9)
+    print(f"ours {fmt(ours['tok_s'], 'tok/s', 0)}; hf {fmt(hf['tok_s'], 'tok/s', 0)}")
+    print(f"ratio ours/hf (medians): tokens/s {speed:.2f}x, peak memory {mem:.2f}x")
     write_table(Path(ns.out), ns, args, ours, hf, speed, mem)
     return 0
+
+
+def pooled(results: list[dict], tokens_per_step: int) -> dict:
+    """Every timed step of every round of one model: per-step tokens/s and step times, peaks, metadata."""
+    steps = [s for r in results for s in r["steps_s"]]
+    return {"tok_s": [tokens_per_step / s for s in steps], "step_s": steps,
+            "peak_mb": [r["peak_mb"] for r in results], "params": results[0]["params"], "device": results[0]["device"]}
 
 
 def write_table(path: Path, ns, args: dict, ours: dict, hf: dict, speed: float, mem: float) -> None:
@@ -161,16 +178,16 @@ def write_table(path: Path, ns, args: dict, ours: dict, hf: dict, speed: float, 
         f"Model: {s['n_layers']} layers, d_model {s['d_model']}, {s['n_heads']} heads, d_mlp {s['d_mlp']}, "
         f"ctx {s['n_ctx']}, vocab {s['d_vocab']}; batch {args['batch']} x {s['n_ctx']} tokens "
         f"(micro-batch {args['micro_batch']}), mixed precision {args['mixed_precision']}; "
-        f"median of {args['steps']} steps after {args['warmup']} warm-up, best of {ns.rounds} alternating rounds. "
-        f"Same loop (`training.loop.Trainer`: AdamW, grad clipping) for both.", "",
-        f"| model | params | tokens/s | step (ms) | peak memory (MB, {mem_kind}) |", "|---|---:|---:|---:|---:|",
+        f"{args['steps']} timed steps after {args['warmup']} warm-up, in each of {ns.rounds} alternating rounds: "
+        f"median over all timed steps [range, n]. Same loop (`training.loop.Trainer`: AdamW, grad clipping) for both.", "",
+        f"| model | params | tokens/s | step (ms) | peak memory (MB, {mem_kind}, median over rounds) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, r in (("hooked-bilinear (ours)", ours), ("LlamaForCausalLM(hidden_act=linear)", hf)):
-        lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | {r['step_s'] * 1e3:.1f} | {r['peak_mb']:.0f} |")
-    lines += ["", f"Ratio ours / HF: tokens/s **{speed:.2f}x**, peak memory **{mem:.2f}x**.", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    print(f"wrote {path}")
+        lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {fmt(r['tok_s'], '', 0)} | "
+                     f"{fmt([t * 1e3 for t in r['step_s']], '', 1)} | {statistics.median(r['peak_mb']):.0f} |")
+    lines += ["", f"Ratio ours / HF (median / median): tokens/s **{speed:.2f}x**, peak memory **{mem:.2f}x**.", ""]
+    write(path, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -164,6 +164,12 @@ def require_checkpoint(run_dir: str | Path, command: str) -> Path:
     from training.checkpoint import latest_checkpoint
 
     found = latest_checkpoint(run_dir)
+    if found is None and (Path(run_dir) / "final").is_dir():
+        raise RunFolderError(
+            f"--resume: the run in {run_dir} finished (its model is in {Path(run_dir) / 'final'}) and kept no "
+            "checkpoint (train.checkpoint_every was 0), so it cannot be continued; to train longer, start a new "
+            "run with train.checkpoint_every > 0"
+        )
     if found is None:
         raise RunFolderError(
             f"--resume: {run_dir} has no checkpoint to resume from (the run wrote none: train.checkpoint_every "
