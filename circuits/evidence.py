@@ -92,7 +92,7 @@ class TokenEvidence:
                  "| token | evidence | main routes |", "|---|---|---|"]
         for tok, value in self.top_tokens(n):
             routes = ", ".join(f"{name} {v:+.2f}" for name, v in self.breakdown(tok))
-            lines.append(f"| `{tok!r}` | {value:+.3f} | {routes} |".replace("|'", "| '"))
+            lines.append(f"| `{tok!r}` | {value:+.3f} | {routes} |")
         if self.pairs:
             lines += ["", "| pair | interaction | inside |", "|---|---|---|"]
             for p in self.pairs[:n]:

@@ -3,6 +3,8 @@
 Writes DIR/report.md with, for the target direction (a token's logit, or a logit difference with
 --target-b):
 
+* what the weights say first: the context tokens whose presence pushes the target, through which
+  heads and MLPs, and the token pairs that interact inside an MLP (`circuits.evidence`);
 * per MLP layer: the eigenvalue spectrum of Q(u) (PNG), its effective rank, and the top
   eigenvectors read as tokens (direct path and the strongest head's OV path);
 * the higher-order SVD singular values of every layer (PNG);
@@ -10,7 +12,9 @@ Writes DIR/report.md with, for the target direction (a token's logit, or a logit
   few sequences sampled from the model itself, or random tokens (--samples random); labelled;
 * the circuit graph from `circuits.find.find_circuit` (table, PNG, JSON).
 
-Everything but the truncation sweep is computed from the weights alone.
+Everything but the truncation sweep is computed from the weights alone (and the model reading one
+token at a time). Tokens that never occur in the model's training text (its saved `token_counts`)
+are left out of every table.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .evidence import token_evidence
 from .find import feature_tokens, find_circuit, target_direction
 from .layer import check_bilinear, check_layer, eigendecompose, hosvd
 from .readout import normalized_embeddings
@@ -37,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", help="a saved model (save_pretrained folder, HF Llama or papers' checkpoint)")
     p.add_argument("--target", required=True, help='the token whose logit to explain, e.g. " happy" (an int id if the model has no tokenizer)')
-    p.add_argument("--target-b", default=None, help="explain the logit difference target - target_b")
+    p.add_argument("--target-b", default=None, nargs="+",
+                   help="explain the logit difference target - mean(target_b); several tokens allowed")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="MLP/attention layers to analyse (default all)")
     p.add_argument("--k", type=int, default=4, help="eigenvectors per MLP: shown per layer and kept per reader in the circuit")
     p.add_argument("--k-heads", type=int, default=4, help="heads kept per attention layer per reader in the circuit")
@@ -142,13 +148,40 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
     mlp_layers = [l for l in all_layers if l < read_at]
     X = normalized_embeddings(model).to(d.dtype)
     steps = tqdm(total=len(mlp_layers) * 2 + 2, desc="circuit report", disable=not progress)
+    counts = getattr(model, "token_counts", None)
+    live_note = (f"{int((counts > 0).sum())} of {cfg.d_vocab} tokens occur in the training text; the others are "
+                 "left out of every table." if counts is not None else
+                 "The model has no token counts, so every token is shown (untrained tokens may appear).")
     md = [f"# Circuit report: {description}", "",
           f"Model: `{source}` (d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, {cfg.n_layers} layers, "
-          f"{cfg.n_heads} heads, d_vocab {cfg.d_vocab}, norm {cfg.normalization_type}).", "",
-          "All results but the truncation sweep come from the weights alone. Eigenvectors are input features "
-          "of each MLP in its normalized-residual input space (norm gains folded in); the MLP writes "
-          "`sum_i lambda_i (v_i . x)^2` along the target direction u. Eigenvector signs are arbitrary "
-          "(here: the strongest direct token reads positive).", ""]
+          f"{cfg.n_heads} heads, d_vocab {cfg.d_vocab}, norm {cfg.normalization_type}). {live_note}", "",
+          "All results but the truncation sweep come from the weights alone (and the model reading one token "
+          "at a time). Eigenvectors are input features of each MLP in its input space: "
+          f"`blocks.l.hook_resid_mid / blocks.l.ln2.hook_scale` with ln2's gain folded into the MLP; the MLP "
+          "writes `sum_i lambda_i (v_i . x)^2` along the target direction u. Eigenvector signs are arbitrary "
+          "(here: the strongest read is positive).", ""]
+
+    if read_at == cfg.n_layers and not isinstance(target, Tensor):
+        ev = token_evidence(model, target)
+        top_tok, top_val = ev.top_tokens(1)[0]
+        route = ev.breakdown(top_tok, 1)[0][0]
+        head = route.split()[-1]
+        where = ""
+        if head in ev.attention:
+            p = ev.attention[head]
+            rank = int((p > p[ev.labels.index(top_tok)]).sum()) + 1
+            where = (f" {head} attends from the query {ev.query!r} to {top_tok!r} with expected attention "
+                     f"{float(p[ev.labels.index(top_tok)]):.2f} (rank {rank} of {p.numel()} keys).")
+        md += ["## What the weights say", "",
+               f"**{top_tok!r} drives the target most** (evidence {top_val:+.2f} logits), mainly through {route}.{where}",
+               "",
+               "Evidence of a context token: what its presence adds to the target, summed over the routes it "
+               "can take -- each head attending to it from the query (with the attention it would get against "
+               "one typical competitor, from the QK weights) straight into the logits, and each later MLP where "
+               "it meets the query's own residual and itself. Pairs: what two tokens add *together* inside an "
+               "MLP beyond what each adds alone (the bilinear interaction). Units: logit difference, from the "
+               "weights and the model reading one token at a time; see `circuits.evidence`.", "",
+               ev.to_markdown(n=n_tokens), ""]
 
     md += ["## Eigenvalue spectra and top features", ""]
     for layer in mlp_layers:
@@ -189,7 +222,9 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
         ks = sorted({min(x, cfg.d_model) for x in (1, 2, 4, 8, 16)})
         rows = truncation_sweep(model, tokens.to(model.W_E.device), ks=ks, layers=all_layers, progress=progress)
         md += [f"Inputs: {label}. Every analysed MLP keeps only its top-k eigencomponents for each of its "
-               "HOSVD output directions.", "",
+               "HOSVD output directions, and the model runs on with the truncated MLPs. This section runs the "
+               "model on those inputs; it does not depend on the target (it measures how low-rank every MLP "
+               "is), only on k and the inputs.", "",
                "| k | loss | original loss | top-1 agreement | KL | readout correlation |", "|---|---|---|---|---|---|"]
         md += [f"| {r.k} | {r.loss:.4f} | {r.original_loss:.4f} | {r.top1_agreement:.3f} | {r.kl:.4f} | "
                f"{r.readout_correlation:.4f} |" for r in rows]
@@ -205,9 +240,15 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
     steps.update()
     steps.close()
     md += ["## Circuit graph", "", "![circuit graph](circuit.png)", "",
-           "Walked backward from the target: each MLP's top eigenvectors, each head's OV path and the token "
-           "embeddings, scored by the largest readout each can produce from an RMS-1 input; importance is "
-           f"the product of shares from the target (also in `circuit.json`). Score: {graph.meta['score']}.", "",
+           "Walked backward from the target (`circuits.find_circuit`). Node ids: `L1H0` is head 0 of layer 1 "
+           "(its OV path), `L1.mlp.f2` the eigenvector of index 2 (by |eigenvalue|) of MLP 1's Q for the "
+           "target, `L0.mlp.f0<L1H0` an eigenvector of MLP 0's Q for what L1H0 reads, `embed` the direct "
+           "path. **weight**: the largest contribution of one context token through that component to its "
+           "reader, in residual units -- comparable between components feeding the same reader, not between "
+           "readers. **importance**: the fraction of the target it accounts for, multiplied down the walk "
+           "(summed when a component feeds several readers). For heads, 'attends to' lists the keys it "
+           f"prefers from the query `{graph.meta.get('query')!r}`; for MLP features, the best path pair. "
+           f"Exact definition: {graph.meta['score']}.", "",
            graph.to_table(markdown=True, n_tokens=5), ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
@@ -225,12 +266,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             model.fold_zero_beta_gate()
         target = _token(model, args.target)
         if args.target_b is not None:
-            target = (target, _token(model, args.target_b))
+            target = (target, [_token(model, t) for t in args.target_b])
         path = write_report(model, target, Path(args.out), layers=args.layers, k=args.k, k_heads=args.k_heads,
                             threshold=args.threshold, max_nodes=args.max_nodes, n_tokens=args.n_tokens,
                             samples=args.samples, n_samples=args.n_samples, sample_len=args.sample_len,
                             seed=args.seed, progress=not args.quiet, source=str(args.model_dir))
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad targets; missing folders, run folders instead of models
         parser.error(str(e))
     print(f"circuit report written to {path} (plots and circuit.json alongside)")
     return 0

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="where the run, the model and the report go")
     parser.add_argument("--steps", type=int, default=None, help="override the tiny config's training steps")
-    parser.add_argument("--target", default=" kicked", help="token whose circuit the report explains")
+    parser.add_argument("--target", default=" kicked", help="verb whose circuit (its logit minus the other verbs') the report explains")
     parser.add_argument("--overwrite", action="store_true", help="replace the demo run already in --out")
     args = parser.parse_args(argv)
 
@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return status
     model_dir = out / "run" / "final"
     decompose(model_dir, "Tom found a red ball. He")
-    status = circuits_report([str(model_dir), "--target", args.target, "--out", str(out / "circuits")])
+    from training.stories import OBJECT_VERBS
+
+    others = [f" {v}" for v in OBJECT_VERBS.values() if f" {v}" != args.target]
+    status = circuits_report([str(model_dir), "--target", args.target, "--target-b", *others, "--out", str(out / "circuits")])
     print(f"\ndone: trained model in {model_dir}, samples in {out / 'run' / 'samples.txt'}, "
           f"circuit report in {out / 'circuits' / 'report.md'}")
     return status
