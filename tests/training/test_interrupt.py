@@ -110,3 +110,46 @@ def test_a_second_signal_aborts_at_once():
     assert result.returncode == 130
     assert "still running, requested 2" in result.stdout and "not reached" not in result.stdout
     assert "aborting now" in result.stderr and "Traceback" not in result.stderr
+
+
+DDP_SIGNAL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from training.interrupt import TrainingInterrupted
+from training.run_config import load_run_config
+from training.train import run_training
+
+class SignalRank1:
+    # Only rank 1 is signalled (as when a scheduler's SIGTERM reaches one process first).
+    def on_step_start(self, trainer):
+        if trainer.accelerator.process_index == 1 and trainer.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+run = load_run_config(sys.argv[1], sys.argv[3:], num_processes=2)
+try:
+    run_training(run, Path(run.run.out_dir), callbacks=[SignalRank1()])
+except TrainingInterrupted as stop:
+    rank = os.environ["RANK"]
+    Path(sys.argv[2], f"rank{rank}.stopped").write_text(f"{stop.step} {stop.exit_code} {stop.checkpoint}")
+"""
+
+
+def test_a_signal_on_one_process_stops_every_process_at_the_same_step(tmp_path, _hermetic_caches):
+    script = tmp_path / "ddp_signal.py"
+    script.write_text(DDP_SIGNAL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(_hermetic_caches / "hf_datasets"),
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    run = tmp_path / "run"
+    overrides = [f"run.out_dir={run}", *SMALL, "train.micro_batch_size=2", "train.max_steps=50"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(script), TINY, str(tmp_path), *overrides]
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stopped = {r: (tmp_path / f"rank{r}.stopped").read_text().split() for r in (0, 1)}
+    assert stopped[0] == stopped[1]  # same step, same checkpoint, on both processes
+    step, code, checkpoint = stopped[0]
+    assert step == "3" and code == "143" and checkpoint == str(run / "checkpoints" / "step-00000003")
+    assert sorted(p.name for p in Path(checkpoint).glob("random_states_*")) == ["random_states_0.pkl",
+                                                                              "random_states_1.pkl"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]  # no temporary left
