@@ -28,7 +28,8 @@ from .sae import InputBasis, OutputFeatures, SAEWeights
 
 __all__ = ["SAEExactness", "InputInteractions", "TopInteractions", "EigenCorrelation",
            "sae_activations", "check_output_features", "check_input_features", "feature_interactions",
-           "top_interactions", "eigen_correlation", "top_activating_tokens", "sae_report_section"]
+           "top_interactions", "top_interactions_on_corpus", "eigen_correlation", "top_activating_tokens", "typical_activations",
+           "sae_report_section"]
 
 
 # --- activations -----------------------------------------------------------------------------------
@@ -197,17 +198,27 @@ class TopInteractions:
 
 @torch.no_grad()
 def top_interactions(model: Any, basis: InputBasis, out: OutputFeatures, k: int = 10, sign: str = "abs",
-                     block: int = 512) -> list[TopInteractions]:
+                     block: int = 512, feature_scale: Optional[Tensor] = None) -> list[TopInteractions]:
     """For each output feature of `out`, its top-k self- and cross-interactions among the input
     features of `basis` (ranked by |value|, or largest "positive" / most "negative"), with the
     distribution statistics of all entries. Memory: one [n, d_model] product D Q(u) and one
-    [block, n] slice of `D Q(u) D^T` at a time, never n^2 x n_outputs."""
+    [block, n] slice of `D Q(u) D^T` at a time, never n^2 x n_outputs.
+
+    feature_scale [n] (optional): a typical activation of each input feature (e.g.
+    `typical_activations`); values are then `s_i s_j M[i, j]`, the contribution of the pair when
+    both fire at that strength, so rarely-strong features do not crowd the list."""
     if sign not in ("abs", "positive", "negative"):
         raise ValueError(f"sign must be 'abs', 'positive' or 'negative', got {sign!r}")
     if out.layer != basis.layer:
         raise ValueError(f"the output SAE explains the MLP of layer {out.layer} but the input SAE reads layer "
                          f"{basis.layer}'s input; use SAEs of the same layer")
     D = basis.decoder
+    if feature_scale is not None:
+        feature_scale = torch.as_tensor(feature_scale).to(D.dtype)
+        if feature_scale.shape != (D.shape[0],):
+            raise ValueError(f"feature_scale must be [n={D.shape[0]}] (one per basis feature), "
+                             f"got {tuple(feature_scale.shape)}")
+        D = D * feature_scale[:, None]
     n = D.shape[0]
     rows = torch.arange(n)
     results = []
@@ -235,6 +246,42 @@ def top_interactions(model: Any, basis: InputBasis, out: OutputFeatures, k: int 
         pairs = torch.stack([basis.indices[best_i // n], basis.indices[best_i % n]], -1)
         z = (best_v - mean) / (std if std > 0 else 1.0)
         results.append(TopInteractions(int(out.indices[j]), best_v, pairs, z, mean, std, count))
+    return results
+
+
+@torch.no_grad()
+def top_interactions_on_corpus(model: Any, basis: InputBasis, out: OutputFeatures, tokens: Tensor, k: int = 10,
+                               sign: str = "abs") -> list[TopInteractions]:
+    """Like `top_interactions`, but each entry weighted by how the input features co-fire where the
+    output feature fires: value = mean over those positions of `f_i f_j M[i, j]` (cross terms twice),
+    so the values sum to the mean quadratic part of the readout there and name the interactions that
+    actually build the output on this corpus. Memory: one n x n matrix at a time (one output).
+    Outputs that never fire on `tokens` get empty results (values of size 0)."""
+    if out.layer != basis.layer:
+        raise ValueError(f"the output SAE explains the MLP of layer {out.layer} but the input SAE reads layer "
+                         f"{basis.layer}'s input; use SAEs of the same layer")
+    acts = sae_activations(model, tokens, basis.layer, [basis.hook_name, out.hook_name])
+    f_in = basis.sae.encode(acts[basis.hook_name])[:, basis.indices].to(basis.decoder.dtype)
+    fires = out.sae.encode(acts[out.hook_name])[:, out.indices] > 0
+    n = basis.decoder.shape[0]
+    iu = torch.triu_indices(n, n)
+    results = []
+    for j in range(out.directions.shape[0]):
+        F = f_in[fires[:, j]]
+        if F.shape[0] == 0:
+            empty = basis.decoder.new_zeros(0)
+            results.append(TopInteractions(int(out.indices[j]), empty, torch.zeros(0, 2, dtype=torch.long),
+                                           empty, 0.0, 0.0, 0))
+            continue
+        M = feature_interactions(model, basis, out.directions[j]).matrix
+        W = (F.T @ F) / F.shape[0] * M
+        vals = torch.where(iu[0] == iu[1], W[iu[0], iu[1]], 2 * W[iu[0], iu[1]])
+        key = {"abs": vals.abs(), "positive": vals, "negative": -vals}[sign]
+        top = key.topk(min(k, key.numel())).indices
+        mean, std = float(vals.mean()), float(vals.std(unbiased=False))
+        z = (vals[top] - mean) / (std if std > 0 else 1.0)
+        pairs = torch.stack([basis.indices[iu[0, top]], basis.indices[iu[1, top]]], -1)
+        results.append(TopInteractions(int(out.indices[j]), vals[top], pairs, z, mean, std, vals.numel()))
     return results
 
 
@@ -316,6 +363,16 @@ def eigen_correlation(model: Any, out: OutputFeatures, tokens: Tensor, ks: Seque
 # --- labels ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def typical_activations(model: Any, basis: InputBasis, tokens: Tensor) -> Tensor:
+    """Each basis feature's mean activation where it fires on `tokens` (0 where it never does): [n].
+    In SAE activation units, for `top_interactions(feature_scale=...)`."""
+    a = sae_activations(model, tokens, basis.layer, [basis.hook_name])[basis.hook_name]
+    f = basis.sae.encode(a)[:, basis.indices]
+    fired = (f > 0).sum(0)
+    return torch.where(fired > 0, f.sum(0) / fired.clamp_min(1), torch.zeros_like(f[0])).to(basis.decoder.dtype)
+
+
+@torch.no_grad()
 def top_activating_tokens(model: Any, sae: SAEWeights, tokens: Tensor, features: Sequence[int], k: int = 5,
                           context: int = 3) -> dict[int, list[tuple[str, float]]]:
     """For each SAE feature, the k corpus positions where it fires hardest: (the last `context + 1`
@@ -395,15 +452,19 @@ def sae_report_section(model: Any, output_sae: Any, tokens: Tensor, input_sae: A
             raise ValueError(f"show= names output features {missing} that are not among features=")
         best = torch.tensor([where[int(i)] for i in show], dtype=torch.long)
     chosen = output_features(model, output_sae, features=out.indices[best].tolist())
-    tops = top_interactions(model, basis, chosen, k=k_interactions)
-    ids = sorted({int(i) for t in tops for i in t.pairs.flatten()})
+    tops = top_interactions(model, basis, chosen, k=k_interactions,
+                            feature_scale=typical_activations(model, basis, tokens))
+    seen = top_interactions_on_corpus(model, basis, chosen, tokens, k=k_interactions)
+    ids = sorted({int(i) for t in tops + seen for i in t.pairs.flatten()})
     labels = top_activating_tokens(model, load_sae(input_sae), tokens, ids, k=2)
     label = lambda i: _md_escape(" / ".join(ctx for ctx, _ in labels[i]) or "(never fires)")
-    for t, b in zip(tops, best.tolist()):
-        lines += [f"Output feature {t.output} (correlation at k={corr.ks[k2]}: {float(corr.correlation[b, k2]):.3f}); "
-                  f"interactions: mean {t.mean:+.2e}, std {t.std:.2e} over {t.n_entries} pairs.", "",
-                  "| input i | input j | interaction | z | i fires on | j fires on |", "|---|---|---|---|---|---|"]
-        lines += [f"| {i} | {j} | {v:+.3e} | {z:+.1f} | {label(i)} | {label(j)} |"
-                  for (i, j), v, z in zip(t.pairs.tolist(), t.values.tolist(), t.zscores.tolist())]
-        lines.append("")
+    for t, c_t, b in zip(tops, seen, best.tolist()):
+        lines += [f"Output feature {t.output} (correlation at k={corr.ks[k2]}: {float(corr.correlation[b, k2]):.3f}).", ""]
+        for title, tt in (("from the weights, at typical activations", t), ("on the corpus, where it fires", c_t)):
+            lines += [f"Top interactions {title} (mean {tt.mean:+.2e}, std {tt.std:.2e} over {tt.n_entries} pairs; "
+                      "z: standard deviations from the mean):", "",
+                      "| input i | input j | interaction | z | i fires on | j fires on |", "|---|---|---|---|---|---|"]
+            lines += [f"| {i} | {j} | {v:+.3e} | {z:+.1f} | {label(i)} | {label(j)} |"
+                      for (i, j), v, z in zip(tt.pairs.tolist(), tt.values.tolist(), tt.zscores.tolist())]
+            lines.append("")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import torch
 
 from circuits.sae import input_basis, load_sae, load_scope_sae, output_features, scope_hook_name
 from circuits.sae_features import (check_input_features, check_output_features, eigen_correlation,
-                                   feature_interactions, top_interactions)
+                                   feature_interactions, top_interactions, top_interactions_on_corpus)
 from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer
 
 D_MODEL, D_SAE, LAYER = 16, 40, 1
@@ -105,6 +105,29 @@ def test_top_interactions_match_brute_force(model):
             assert top.n_entries == vals.numel()
             assert abs(top.mean - float(vals.mean())) < 1e-5 and abs(top.std - float(vals.std(unbiased=False))) < 1e-4
             assert top.output == out.indices[j]
+    scale = torch.rand(D_SAE, generator=torch.Generator().manual_seed(9)) + 0.5
+    top = top_interactions(model, basis, out, k=3, feature_scale=scale, block=11)[0]
+    M = feature_interactions(model, basis, out.directions[0]).matrix * scale[:, None] * scale[None, :]
+    i, j = top.pairs[0].tolist()
+    assert abs(float(top.values[0]) - float(M[i, j] * (1 if i == j else 2))) < 1e-5
+
+
+def test_top_interactions_on_corpus_sum_to_the_quadratic_readout(model):
+    out = output_features(model, random_sae(), hook_name=f"blocks.{LAYER}.hook_mlp_out", features=[1, 4])
+    basis = input_basis(model, random_sae(1), hook_name=f"blocks.{LAYER}.ln2.hook_normalized")
+    n = D_SAE * (D_SAE + 1) // 2
+    tops = top_interactions_on_corpus(model, basis, out, TOKENS, k=n)
+    _, cache = model.run_with_cache(TOKENS)
+    f_in = basis.sae.encode(cache[basis.hook_name].reshape(-1, D_MODEL))
+    fires = out.sae.encode(cache[out.hook_name].reshape(-1, D_MODEL))[:, out.indices] > 0
+    for j, top in enumerate(tops):
+        F = f_in[fires[:, j]]
+        if F.shape[0] == 0:
+            assert top.values.numel() == 0
+            continue
+        M = feature_interactions(model, basis, out.directions[j]).matrix
+        quad = ((F @ M) * F).sum(-1).mean()
+        assert abs(float(top.values.sum()) - float(quad)) < 1e-4 * max(1.0, float(quad.abs()))
 
 
 def test_feature_subsets_keep_sae_ids(model):

@@ -69,4 +69,4 @@ def test_report_section_with_saelens_objects(model):
     in_sae = make_saelens("topk", f"blocks.{LAYER}.ln2.hook_normalized", seed=1)
     md = sae_report_section(model, out_sae, TOKENS, input_sae=in_sae, n_show=1, k_interactions=3)
     assert md.startswith("## SAE features") and "| 2 |" in md and "Exactness" in md
-    assert md.count("| input i |") == 1
+    assert md.count("| input i |") == 2  # from the weights, and on the corpus
