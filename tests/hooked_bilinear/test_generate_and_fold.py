@@ -1,66 +1,11 @@
-"""Generation with the KV cache, and folding the norms into the weights."""
+"""Folding the norms into the weights (generation is tested in test_generate.py)."""
 
 import pytest
 import torch
 
-from hooked_bilinear import HookedBilinearTransformer, KVCache
+from hooked_bilinear import HookedBilinearTransformer
 
 from ..conftest import tiny_config
-
-
-def test_kv_cache_logits_equal_full_forward(tiny_model):
-    tokens = torch.randint(0, 48, (2, 10))
-    cache = KVCache.empty(2)
-    first = tiny_model(tokens[:, :6], past_kv_cache=cache)
-    rest = [tiny_model(tokens[:, i:i + 1], past_kv_cache=cache) for i in range(6, 10)]
-    full = tiny_model(tokens)
-    torch.testing.assert_close(torch.cat([first] + rest, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
-def test_greedy_generation_with_and_without_cache_agree(tiny_model):
-    prompt = torch.randint(0, 48, (2, 5))
-    with_cache = tiny_model.generate(prompt, max_new_tokens=8)
-    without = tiny_model.generate(prompt, max_new_tokens=8, use_past_kv_cache=False)
-    assert with_cache.shape == (2, 13)
-    assert torch.equal(with_cache, without)
-    # greedy: each new token is the argmax of the full forward on the prefix
-    for t in range(5, 13):
-        assert torch.equal(tiny_model(with_cache[:, :t])[:, -1].argmax(-1), with_cache[:, t])
-
-
-def test_sampling_is_seeded_and_respects_top_k(tiny_model):
-    prompt = torch.randint(0, 48, (3, 4))
-    a = tiny_model.generate(prompt, max_new_tokens=6, do_sample=True, temperature=1.5, seed=1)
-    b = tiny_model.generate(prompt, max_new_tokens=6, do_sample=True, temperature=1.5, seed=1)
-    assert torch.equal(a, b)
-    top1 = tiny_model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=1, seed=2)
-    assert torch.equal(top1, tiny_model.generate(prompt, max_new_tokens=6))
-    tiny_p = tiny_model.generate(prompt, max_new_tokens=6, do_sample=True, top_p=1e-6, seed=3)
-    assert torch.equal(tiny_p, tiny_model.generate(prompt, max_new_tokens=6))
-    with pytest.raises(ValueError, match="top_p"):
-        tiny_model.generate(prompt, max_new_tokens=2, do_sample=True, top_p=1.5)
-
-
-def test_generation_stops_at_eos(tiny_model):
-    prompt = torch.randint(0, 48, (1, 4))
-    free = tiny_model.generate(prompt, max_new_tokens=6)
-    eos = int(free[0, 5])  # make the second generated token the end of sequence
-    stopped = tiny_model.generate(prompt, max_new_tokens=6, eos_token_id=eos)
-    assert stopped.shape[1] <= 6 and int(stopped[0, -1]) == eos
-
-
-def test_text_generation_with_left_padding(tiny_model_with_tokenizer):
-    model = tiny_model_with_tokenizer
-    out = model.generate(["once upon a time", "tom"], max_new_tokens=4)
-    assert isinstance(out, list) and len(out) == 2 and out[0].startswith("<|endoftext|> once upon a time")
-    batch = model.generate(["once upon a time", "tom"], max_new_tokens=4, stop_at_eos=False, return_type="tokens")
-    alone = model.generate("tom", max_new_tokens=4, stop_at_eos=False, return_type="tokens")
-    assert torch.equal(batch[1, -4:], alone[0, -4:])
-
-
-def test_generation_past_context_is_a_clear_error(tiny_model):
-    with pytest.raises(ValueError, match="n_ctx"):
-        tiny_model.generate(torch.randint(0, 48, (1, 20)), max_new_tokens=10)
 
 
 @pytest.mark.parametrize(
