@@ -308,11 +308,18 @@ class HookedBilinearTransformer(
 
     # --- other entry points (each lives in its own module) -------------------------------------
 
-    def generate(self, input: TextOrTokens, max_new_tokens: int = 20, **kwargs: Any) -> Any:
-        """Sample a continuation with a KV cache; see `hooked_bilinear.generate.generate`."""
+    def generate(self, input: TextOrTokens = "", max_new_tokens: int = 10, **kwargs: Any) -> Any:
+        """Continue text or tokens with a KV cache: TransformerLens's arguments and defaults; see
+        `hooked_bilinear.generate.generate`."""
         from .generate import generate
 
         return generate(self, input, max_new_tokens=max_new_tokens, **kwargs)
+
+    def generate_stream(self, input: TextOrTokens = "", max_new_tokens: int = 10, **kwargs: Any) -> Any:
+        """A generator yielding tokens as they are produced; see `hooked_bilinear.generate.generate_stream`."""
+        from .generate import generate_stream
+
+        return generate_stream(self, input, max_new_tokens=max_new_tokens, **kwargs)
 
     def fold_layer_norm(self, fold_attn_out_scale: bool = True) -> "HookedBilinearTransformer":
         """Fold norm gains (and LN biases, and the attention-output scale) into the weights that
