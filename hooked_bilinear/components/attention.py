@@ -177,6 +177,15 @@ class Attention(nn.Module):
                 q = q + self.b_Q
                 k = k + (self._b_K if grouped_bias else self.b_K)
                 v = v + (self._b_V if grouped_bias else self.b_V)
+        elif x.shape[0] * x.shape[1] <= self.cfg.d_head:
+            # Few rows (a generation step): one batched product per projection reads each
+            # [head, d_model, d_head] weight in place, where fusing them (below) would copy every
+            # attention weight at every step. Copying the few rows per head is the cheaper side.
+            flat = x.reshape(-1, x.shape[-1])
+            q, k, v = (torch.matmul(flat, W).transpose(0, 1).unflatten(0, x.shape[:2])
+                       for W in (self.W_Q, self._W_K, self._W_V))
+            if self.b_Q is not None:
+                q, k, v = q + self.b_Q, k + self._b_K, v + self._b_V
         else:
             # One matmul for queries, keys and values: the per-head weight layout [head, d_model, d_head]
             # is TransformerLens's, but a single [d_model, (heads) d_head] GEMM is what is fast.
