@@ -15,8 +15,9 @@ from circuits.readout import direct_token_table
 from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer
 
 OBJECT_VERBS = {"ball": "kicked", "book": "read", "cake": "ate", "kite": "flew", "drum": "banged", "doll": "hugged"}
-FILLERS = "the a and then she he it was big red park day".split()
-VOCAB = ["<|endoftext|>", "[UNK]", *OBJECT_VERBS, *OBJECT_VERBS.values(), *FILLERS]
+FILLERS = "the a and then she he was big red park day".split()
+LINK = "it"  # in the two-step rule, "<object> it <verb>": the verb is predicted at "it"
+VOCAB = ["<|endoftext|>", "[UNK]", *OBJECT_VERBS, *OBJECT_VERBS.values(), *FILLERS, LINK]
 
 
 def word_tokenizer():
@@ -35,14 +36,20 @@ VERB = torch.tensor([VOCAB.index(v) for v in OBJECT_VERBS.values()])
 FILL = torch.tensor([VOCAB.index(f) for f in FILLERS])
 
 
-def batch(g: torch.Generator, b: int = 64, T: int = 16) -> torch.Tensor:
-    """Random fillers; at about a quarter of the positions an object, always followed by its verb."""
+def batch(g: torch.Generator, b: int = 64, T: int = 16, gap: bool = False) -> torch.Tensor:
+    """Random fillers; at about a quarter of the positions an object, always followed by its verb
+    (gap: by "it" and then its verb, so only a head that looks back can tell the verb)."""
     toks = FILL[torch.randint(0, len(FILL), (b, T), generator=g)]
     is_filler = lambda col: (toks[:, col, None] == FILL).any(-1)
-    for t in range(T - 1):
-        put = (torch.rand(b, generator=g) < 0.25) & is_filler(t) & is_filler(t + 1)
+    width = 3 if gap else 2
+    for t in range(T - width + 1):
+        put = (torch.rand(b, generator=g) < 0.25) & is_filler(t) & is_filler(t + width - 1)
+        if gap:
+            put &= is_filler(t + 1)
         o = torch.randint(0, len(OBJ), (b,), generator=g)
-        toks[put, t], toks[put, t + 1] = OBJ[o[put]], VERB[o[put]]
+        toks[put, t], toks[put, t + width - 1] = OBJ[o[put]], VERB[o[put]]
+        if gap:
+            toks[put, t + 1] = VOCAB.index(LINK)
     return toks
 
 
@@ -52,16 +59,20 @@ def make_model(seed: int) -> HookedBilinearTransformer:
     return HookedBilinearTransformer(cfg, tokenizer=word_tokenizer())
 
 
-def train(seed: int, steps: int = 300) -> HookedBilinearTransformer:
+def train(seed: int, steps: int = 300, gap: bool = False) -> HookedBilinearTransformer:
     torch.manual_seed(seed)
     model = make_model(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(len(VOCAB), dtype=torch.long)  # what training records: tokens seen in the text
     for _ in range(steps):
-        loss = model(batch(g), return_type="loss")
+        x = batch(g, gap=gap)
+        counts += torch.bincount(x.flatten(), minlength=len(VOCAB))
+        loss = model(x, return_type="loss")
         opt.zero_grad()
         loss.backward()
         opt.step()
+    model.token_counts = counts
     return model.eval()
 
 
@@ -99,3 +110,32 @@ def test_circuit_of_a_verb_names_its_object(seed):
     # Control: the same architecture and initialisation, untrained, does not show the rule.
     control = rule_readout(make_model(seed).eval())
     assert sum(obj == tokens[0] for obj, tokens in control.items()) <= 2, control
+
+
+def test_token_evidence_names_the_object_a_head_brings():
+    """'<object> it <verb>': the verb is predicted at 'it', so the object reaches it only through
+    attention. From the weights alone, the top context token for each verb (against the others)
+    must be its object, found after the query 'it'; an untrained model must not show it."""
+    from circuits.evidence import token_evidence
+
+    model = train(0, steps=400, gap=True)
+    with torch.no_grad():  # the model learned the rule
+        x = batch(torch.Generator().manual_seed(77), 128, gap=True)
+        pred = model(x).argmax(-1)[:, :-1]
+        at_link = (x[:, :-1] == VOCAB.index(LINK)) & (x[:, 1:, None] == VERB).any(-1)
+        assert float((pred[at_link] == x[:, 1:][at_link]).float().mean()) > 0.95
+
+    def named(m):
+        out = {}
+        for obj, verb in OBJECT_VERBS.items():
+            e = token_evidence(m, (verb, [v for v in OBJECT_VERBS.values() if v != verb]))
+            out[obj] = (e.query, e.top_tokens(1)[0][0])
+        return out
+
+    found = named(model)
+    assert all(query == LINK for query, _ in found.values()), found
+    assert {obj: top for obj, (_, top) in found.items()} == {obj: obj for obj in OBJECT_VERBS}, found
+    control_model = make_model(0).eval()
+    control_model.token_counts = model.token_counts
+    control = named(control_model)
+    assert sum(obj == top for obj, (_, top) in control.items()) <= 2, control
