@@ -203,3 +203,23 @@ def test_errors_name_the_problem(model):
     basis = input_basis(model, random_sae(), hook_name=f"blocks.{LAYER}.hook_resid_mid")
     with pytest.raises(ValueError, match="same layer"):
         top_interactions(model, basis, out)
+
+
+def test_output_directions_feed_eigendecomposition_and_hosvd_in_batches(model):
+    """The [n, d_model] block of encoder rows goes straight into the batched model-level API:
+    each feature's eigendecomposition reproduces its pre-activation, and HOSVD ranks shared structure."""
+    from circuits.interaction import augment_input
+    from circuits.layer import eigendecompose, hosvd, mlp_input
+
+    out = output_features(model, random_sae(), hook_name=f"blocks.{LAYER}.hook_mlp_out", features=range(5))
+    eig = eigendecompose(model, LAYER, out.directions)  # batched: values [5, d], vectors [5, d, d]
+    assert eig.values.shape[0] == 5
+    _, cache = model.run_with_cache(TOKENS)
+    x = mlp_input(model, cache, LAYER).reshape(-1, D_MODEL)
+    x = augment_input(x) if eig.augmented else x
+    proj = torch.einsum("pd,ndk->pnk", x, eig.vectors)
+    pre = (proj.pow(2) * eig.values[None]).sum(-1) + out.bias
+    own = out.sae.pre_activation(cache[out.hook_name].reshape(-1, D_MODEL))[:, out.indices]
+    torch.testing.assert_close(pre, own, atol=1e-4 * max(1.0, float(own.abs().max())), rtol=0)
+    h = hosvd(model, LAYER, U=out.directions)
+    assert h.singular_values.shape[0] == 5 and (h.singular_values[:-1] >= h.singular_values[1:]).all()
