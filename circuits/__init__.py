@@ -29,6 +29,13 @@ from .many import default_krylov_steps, topk_eigenvalues_many
 from .readout import TopTokens, direct_token_scores, direct_token_table, normalized_embeddings, ov_token_scores, top_tokens
 from .truncated_model import TruncationResult, truncated_mlps, truncation_sweep
 from .truncation import check_quadratic_form, effective_rank, truncated_readout
+from .paths import TopPairs, pair_terms, top_pair_entries
+from .mlp_paths import PathPair, PathTerms, TokenPath, mlp_path_terms, ov_matrices, rank_path_pairs, token_paths
+from .attention import QKPreferences, composition_score, offset_attention, qk_preferences, qk_scores
+from .token_view import TokenView, token_view
+from .evidence import PairEvidence, TokenEvidence, key_attention, token_evidence
+from .layer import eigen_readout_correlation
+from .readout import live_token_ids, live_token_mask
 
 __all__ = [
     # model level
@@ -38,6 +45,11 @@ __all__ = [
     "direct_token_scores", "ov_token_scores", "normalized_embeddings", "top_tokens", "TopTokens", "direct_token_table",
     "truncated_mlps", "truncation_sweep", "TruncationResult",
     "find_circuit", "target_direction", "feature_tokens", "CircuitGraph", "CircuitNode", "CircuitEdge",
+    "live_token_ids", "live_token_mask", "eigen_readout_correlation",
+    "token_paths", "TokenPath", "rank_path_pairs", "PathPair", "mlp_path_terms", "PathTerms", "ov_matrices",
+    "qk_scores", "qk_preferences", "QKPreferences", "offset_attention", "composition_score",
+    "token_view", "TokenView", "token_evidence", "TokenEvidence", "PairEvidence", "key_attention",
+    "pair_terms", "top_pair_entries", "TopPairs",
     # tensor level
     "BilinearWeights", "Eigen", "HOSVD", "as_weights", "augment_input", "batched_lanczos",
     "bilinear_mlp_forward", "check_quadratic_form", "default_krylov_steps",
