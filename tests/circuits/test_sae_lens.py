@@ -7,7 +7,8 @@ import torch
 sae_lens = pytest.importorskip("sae_lens")
 
 from circuits.sae import input_basis, load_sae, output_features  # noqa: E402
-from circuits.sae_features import check_input_features, check_output_features, sae_report_section  # noqa: E402
+from circuits.sae_features import check_input_features, check_output_features  # noqa: E402
+from circuits.sae_report import sae_report_section  # noqa: E402
 
 from .test_sae import D_MODEL, LAYER, TOKENS, make_model  # noqa: E402
 
