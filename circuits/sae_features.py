@@ -86,7 +86,8 @@ def check_output_features(model: Any, out: OutputFeatures, tokens: Tensor, sae_o
     err = 0.0
     for s in range(0, out.directions.shape[0], chunk):
         Q = interaction_matrix_from_weights(*weights[:3], out.directions[s:s + chunk].double(), *weights[3:])
-        pred = torch.einsum("pi,nij,pj->pn", x, Q, x) + out.bias[s:s + chunk].double()
+        # one [P, d] product per feature: a [P, n, d] intermediate would not fit at ts-medium size
+        pred = torch.stack([((x @ Qn) * x).sum(-1) for Qn in Q], -1) + out.bias[s:s + chunk].double()
         pred = pred + (rest[:, s:s + chunk] if out.rest_hook is not None else 0.0)
         err = max(err, float((pred - truth[:, s:s + chunk]).abs().max()))
     return SAEExactness(err, float(truth.abs().max()), x.shape[0], out.directions.shape[0])
