@@ -96,6 +96,11 @@ def test_resume_of_a_finished_run_has_nothing_to_do(run, capsys):
 def test_resume_without_a_checkpoint_says_so(run, tmp_path, capsys):
     shutil.rmtree(run / "checkpoints")
     before = snapshot(run)
+    assert main(["--resume", "--out", str(run)]) == 2  # finished, but kept no checkpoint
+    assert "finished" in (err := capsys.readouterr().err) and "kept no checkpoint" in err
+    assert snapshot(run) == before
+    shutil.rmtree(run / "final")  # an unfinished run that never wrote a checkpoint
+    before = snapshot(run)
     assert main(["--resume", "--out", str(run)]) == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
     assert snapshot(run) == before
