@@ -142,13 +142,21 @@ class HookedBilinearConfig(TransformerLensConfig):
             raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and at most d_head ({self.d_head})")
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(f"init_scheme {self.init_scheme!r} is unknown; use one of {INIT_SCHEMES}")
-        if self.d_vocab_out != self.d_vocab:
+        if self.d_vocab_out != self.d_vocab and self.tie_embeddings:
             raise ValueError(
-                f"d_vocab_out ({self.d_vocab_out}) must equal d_vocab ({self.d_vocab}): the unembedding reads the "
-                "same vocabulary the embedding writes; leave d_vocab_out at -1"
+                f"d_vocab_out ({self.d_vocab_out}) differs from d_vocab ({self.d_vocab}), which tied embeddings "
+                "cannot do; untie them or leave d_vocab_out at -1"
             )
         if self.eps <= 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
+
+    @property
+    def n_params(self) -> int:
+        """TransformerLens's count of "hidden" weights: attention (Q, K, V, O) and MLP matrices,
+        without embeddings, biases or norms (scaling-laws convention)."""
+        attn = self.d_model * self.d_head * (2 * self.n_heads + 2 * self.n_key_value_heads)
+        mlp = 0 if self.attn_only else 3 * self.d_model * self.d_mlp
+        return self.n_layers * (attn + mlp)
 
     @property
     def is_bilinear(self) -> bool:

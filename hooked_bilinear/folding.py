@@ -52,17 +52,18 @@ def fold_layer_norm(model: Any, fold_attn_out_scale: bool = True) -> None:
                 weight.mul_(w[None, :, None])
         _reset_norm(block.ln1)
 
-        w, b = _gain_and_bias(block.ln2)
-        mlp = block.mlp
-        if b is not None and b.abs().max() > 0:
-            cfg.mlp_bias = True
-            _ensure_bias(mlp, "b_gate", (cfg.d_mlp,), mlp.W_gate).add_(b @ mlp.W_gate)
-            _ensure_bias(mlp, "b_in", (cfg.d_mlp,), mlp.W_in).add_(b @ mlp.W_in)
-            _ensure_bias(mlp, "b_out", (cfg.d_model,), mlp.W_out)
-        if w is not None:
-            mlp.W_gate.mul_(w[:, None])
-            mlp.W_in.mul_(w[:, None])
-        _reset_norm(block.ln2)
+        if not cfg.attn_only:  # an attn_only block has no ln2 and no MLP
+            w, b = _gain_and_bias(block.ln2)
+            mlp = block.mlp
+            if b is not None and b.abs().max() > 0:
+                cfg.mlp_bias = True
+                _ensure_bias(mlp, "b_gate", (cfg.d_mlp,), mlp.W_gate).add_(b @ mlp.W_gate)
+                _ensure_bias(mlp, "b_in", (cfg.d_mlp,), mlp.W_in).add_(b @ mlp.W_in)
+                _ensure_bias(mlp, "b_out", (cfg.d_model,), mlp.W_out)
+            if w is not None:
+                mlp.W_gate.mul_(w[:, None])
+                mlp.W_in.mul_(w[:, None])
+            _reset_norm(block.ln2)
 
         if fold_attn_out_scale and cfg.attn_out_scale != 1.0:
             attn.W_O.mul_(cfg.attn_out_scale)

@@ -193,7 +193,11 @@ class HookedBilinearTransformer(
             tokens = self.hook_tokens(tokens)
         residual = self.hook_embed(self.embed(tokens))
         if self.pos_embed is not None:
-            residual = residual + self.hook_pos_embed(self.pos_embed(where[0]))
+            positions, key_mask, _ = where
+            # key_mask covers cached and new positions; padding gets a zero embedding, as in TransformerLens
+            past = 0 if key_mask is None else key_mask.shape[1] - positions.shape[1]
+            pos_embed = self.pos_embed(tokens, past, attention_mask=key_mask, positions=positions)
+            residual = residual + self.hook_pos_embed(pos_embed)
         return residual, tokens, attention_mask, where
 
     @staticmethod

@@ -13,14 +13,18 @@ class _TokenNotFound(ValueError, AssertionError):
     """The token is not in the input."""
 
 
+class NoTokenizerError(ValueError, AssertionError):
+    """Text in or out needs a tokenizer. Also an AssertionError, which TransformerLens raises here."""
+
+
 class TokenizerMixin:
     """Mixed into the model; expects `tokenizer` (or None), `cfg` and `W_E`."""
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError(
+            raise NoTokenizerError(
                 "this model has no tokenizer: pass token ids, or attach one with "
-                "model.tokenizer = AutoTokenizer.from_pretrained(...)"
+                "model.set_tokenizer(AutoTokenizer.from_pretrained(...))"
             )
         return self.tokenizer
 
@@ -154,7 +158,7 @@ class TokenizerMixin:
         indices = torch.nonzero(tokens == single_token).flatten()
         if len(indices) == 0:
             # AssertionError as well as ValueError: TransformerLens raises an AssertionError here.
-            raise _TokenNotFound(f"token {single_token} does not occur in the input")
+            raise _TokenNotFound("The token does not occur in the prompt")  # TransformerLens's words
         if mode == "first":
             return int(indices[0])
         if mode == "last":
