@@ -36,6 +36,13 @@ from .token_view import TokenView, token_view
 from .evidence import PairEvidence, TokenEvidence, key_attention, token_evidence
 from .layer import eigen_readout_correlation
 from .readout import live_token_ids, live_token_mask
+from .sae import (InputBasis, OutputFeatures, SAEWeights, input_basis, load_sae, load_scope_sae, output_features,
+                  scope_hook_name)
+from .sae_features import (EigenCorrelation, InputInteractions, SAEExactness, TopInteractions, check_input_features,
+                           check_output_features, eigen_correlation, feature_interactions, sae_activations,
+                           top_activating_tokens, top_interactions, top_interactions_on_corpus, typical_activations)
+from .sae_report import sae_report_section
+from .sae_training import train_sae
 
 __all__ = [
     # model level
@@ -50,6 +57,12 @@ __all__ = [
     "qk_scores", "qk_preferences", "QKPreferences", "offset_attention", "composition_score",
     "token_view", "TokenView", "token_evidence", "TokenEvidence", "PairEvidence", "key_attention",
     "pair_terms", "top_pair_entries", "TopPairs",
+    # SAE features
+    "SAEWeights", "OutputFeatures", "InputBasis", "load_sae", "load_scope_sae", "scope_hook_name", "output_features",
+    "input_basis", "SAEExactness", "InputInteractions", "TopInteractions", "EigenCorrelation", "sae_activations",
+    "check_output_features", "check_input_features", "feature_interactions", "top_interactions",
+    "top_interactions_on_corpus", "eigen_correlation", "typical_activations", "top_activating_tokens",
+    "sae_report_section", "train_sae",
     # tensor level
     "BilinearWeights", "Eigen", "HOSVD", "as_weights", "augment_input", "batched_lanczos",
     "bilinear_mlp_forward", "check_quadratic_form", "default_krylov_steps",

@@ -112,14 +112,29 @@ def qk_preferences(model: Any, layer: int, head: int, offsets: Sequence[int] = D
 
 
 @torch.no_grad()
-def offset_attention(model: Any, layer: int, head: int, max_offset: int = 8, live: Live = None) -> Tensor:
-    """The share of attention each offset 0..max_offset gets when the query sees exactly that many
-    previous live tokens, averaged over token pairs by their mean logit: [max_offset + 1] summing
-    to 1. A previous-token head puts most of it on offset 1."""
-    offsets = list(range(0, min(max_offset, model.cfg.n_ctx - 1) + 1))
-    ids = live_token_ids(model, live)
-    means = torch.stack([qk_scores(model, layer, head, o, ids, ids).mean() for o in offsets])
-    return means.softmax(-1)
+def offset_attention(model: Any, layer: int, head: int, max_offset: int = 8, live: Live = None,
+                     n_sequences: int = 16, length: int = 32, seed: int = 0) -> Tensor:
+    """The head's positional habit: its mean attention to each offset 0..max_offset (and the rest,
+    last entry) on `n_sequences` random sequences of live tokens drawn by their training frequency
+    (uniformly without counts): [max_offset + 2], summing to 1. No corpus is read; the random
+    sequences only stand in for "any context". A previous-token head puts most of it on offset 1."""
+    from .readout import live_token_mask
+
+    layer = check_layer(model, layer)
+    _check_head(model, layer, head)
+    mask = live_token_mask(model, live)
+    counts = getattr(model, "token_counts", None)
+    weights = torch.as_tensor(counts, dtype=torch.float) if counts is not None and live is None else mask.float()
+    weights = weights * mask
+    g = torch.Generator().manual_seed(seed)
+    length = min(length, model.cfg.n_ctx)
+    tokens = torch.multinomial(weights, n_sequences * length, replacement=True, generator=g).reshape(n_sequences, length)
+    name = f"blocks.{layer}.attn.hook_pattern"
+    _, cache = model.run_with_cache(tokens.to(model.W_E.device), names_filter=[name])
+    pattern = cache[name][:, head].float()  # [batch, query, key]
+    q = torch.arange(max_offset, length)  # queries that can see every offset
+    out = [pattern[:, q, q - o].mean() for o in range(max_offset + 1)]
+    return torch.stack(out + [1 - torch.stack(out).sum()])
 
 
 @torch.no_grad()

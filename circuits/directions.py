@@ -76,8 +76,10 @@ def mlp_feature_directions(model: Any, layer: int, u: Tensor, k: int = 4) -> tup
 
 
 def user_direction(model: Any, vector: Tensor, normalize: bool = True) -> Tensor:
-    """Any vector of size d_model (an SAE decoder row, a probe), optionally unit-normalized."""
+    """Any vector [d_model] or block of vectors [n, d_model] (SAE encoder rows, probes), each
+    optionally unit-normalized."""
     vector = torch.as_tensor(vector, dtype=model.W_E.dtype, device=model.W_E.device)
-    if vector.shape != (model.cfg.d_model,):
-        raise ValueError(f"a direction must have shape ({model.cfg.d_model},), got {tuple(vector.shape)}")
-    return vector / vector.norm() if normalize else vector
+    if vector.ndim not in (1, 2) or vector.shape[-1] != model.cfg.d_model:
+        raise ValueError(f"a direction must have shape ({model.cfg.d_model},) or (n, {model.cfg.d_model}), "
+                         f"got {tuple(vector.shape)}")
+    return vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-30) if normalize else vector

@@ -330,11 +330,13 @@ def find_circuit(
     live: Live = None,
     query: Optional[Union[int, str]] = None,
     competitors: float = 1.0,
-) -> CircuitGraph:
+) -> Union[CircuitGraph, list[CircuitGraph]]:
     """The components whose weight-derived contribution to `target` is largest, as a `CircuitGraph`.
 
     target: see `target_direction` (a token, a token pair for a logit difference, a head's
-    (layer, head, 'q'|'k'|'v'), or a vector [d_model] read at `read_at`).
+    (layer, head, 'q'|'k'|'v'), or a vector [d_model] read at `read_at`); a block [n, d_model]
+    (e.g. an output SAE's encoder rows, `circuits.sae.output_features(...).directions`) gives a list
+    of n graphs.
     layers: the layers whose MLPs and heads may appear (default all).
     k_features: eigenvectors kept per MLP per reader; k_heads: heads kept per attention layer per
     reader; threshold: least importance (fraction of the target) for a component to be kept;
@@ -347,6 +349,10 @@ def find_circuit(
     Nothing here runs on data: the numbers come from the weights, and from the model reading one
     token at a time (`circuits.token_view`)."""
     check_bilinear(model)
+    if isinstance(target, Tensor) and target.ndim == 2:  # a block of directions (e.g. SAE encoder rows)
+        return [find_circuit(model, row, layers=layers, k_features=k_features, k_heads=k_heads, threshold=threshold,
+                             max_nodes=max_nodes, include_direct=include_direct, n_tokens=n_tokens, read_at=read_at,
+                             live=live, query=query, competitors=competitors) for row in target]
     for name, value, low in (("k_features", k_features, 1), ("k_heads", k_heads, 0), ("max_nodes", max_nodes, 1), ("n_tokens", n_tokens, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

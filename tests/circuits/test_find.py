@@ -157,3 +157,15 @@ def test_unknown_token_with_tokenizer(tiny_model_with_tokenizer):
         find_circuit(tiny_model_with_tokenizer, "happy sad")
     g = find_circuit(tiny_model_with_tokenizer, (" happy", "sad"), max_nodes=6)
     assert g.target == "logit 'happy' - 'sad'"
+
+
+def test_a_block_of_directions_gives_one_graph_each(graph):
+    """E.g. an output SAE's encoder rows: [n, d_model] -> n graphs, each equal to its row's own."""
+    from circuits.directions import user_direction
+
+    model, _ = graph
+    block = user_direction(model, torch.randn(3, 32, generator=torch.Generator().manual_seed(4)))
+    assert torch.allclose(block.norm(dim=-1), torch.ones(3))
+    graphs = find_circuit(model, block, read_at=1, max_nodes=8)
+    assert len(graphs) == 3
+    assert graphs[1].to_dict() == find_circuit(model, block[1], read_at=1, max_nodes=8).to_dict()
