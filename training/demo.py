@@ -35,6 +35,20 @@ def decompose(model_dir: Path, prompt: str) -> None:
     print(f"components sum to the final residual: max |error| = {error:.1e}")
 
 
+def _same_finished_run(run_dir: Path, overrides: list[str]) -> bool:
+    """Whether ``run_dir`` holds a finished run made with exactly the demo's config and these overrides."""
+    import yaml
+
+    from training.run_config import RunConfigError, build_run_config, load_run_config
+
+    try:
+        saved = build_run_config(yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {})
+        wanted = load_run_config(CONFIG, overrides)
+    except (OSError, yaml.YAMLError, RunConfigError):
+        return False
+    return saved.to_dict() == wanted.to_dict() and (run_dir / "final" / "config.json").is_file()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hooked-bilinear demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,14 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     from training.train import main as train
 
     out = Path(args.out)
-    if run_contents(out / "run") and not args.overwrite:  # never replace a run silently, the demo's included
-        print(f"hooked-bilinear demo: {out / 'run'} already holds a run; rerun with `hooked-bilinear demo --overwrite` "
-              f"to replace it, or choose another --out", file=sys.stderr)
-        return 2
     overrides = [f"run.out_dir={out / 'run'}"] + ([f"train.max_steps={args.steps}"] if args.steps else [])
-    status = train(["--config", str(CONFIG), *overrides, *(["--overwrite"] if args.overwrite else [])])
-    if status:
-        return status
+    if run_contents(out / "run") and not args.overwrite:  # never replace a run silently, the demo's included
+        if not _same_finished_run(out / "run", overrides):
+            print(f"hooked-bilinear demo: {out / 'run'} already holds a different or unfinished run; rerun with "
+                  "`hooked-bilinear demo --overwrite` to replace it, or choose another --out", file=sys.stderr)
+            return 2
+        print(f"{out / 'run'} already holds this demo's finished run: reusing it (--overwrite retrains)")
+    else:
+        status = train(["--config", str(CONFIG), *overrides, *(["--overwrite"] if args.overwrite else [])])
+        if status:
+            return status
     model_dir = out / "run" / "final"
     decompose(model_dir, "Tom found a red ball. He")
     from training.stories import OBJECT_VERBS

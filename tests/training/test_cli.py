@@ -67,7 +67,7 @@ def test_gpu_launch_on_a_machine_without_gpus_is_refused_with_the_command_to_use
     assert capsys.readouterr().err == ""
 
 
-def test_demo_does_not_replace_an_earlier_demo_run_unasked(tmp_path, capsys):
+def test_demo_does_not_replace_an_earlier_run_unasked(tmp_path, capsys):
     from training.demo import main
 
     (tmp_path / "run").mkdir()
@@ -75,3 +75,20 @@ def test_demo_does_not_replace_an_earlier_demo_run_unasked(tmp_path, capsys):
     assert main(["--out", str(tmp_path)]) == 2
     assert "hooked-bilinear demo --overwrite" in capsys.readouterr().err
     assert [p.name for p in tmp_path.rglob("*")] == ["run", "run_config.yaml"]
+
+
+def test_demo_reuses_its_own_finished_run(tmp_path):
+    from training.demo import _same_finished_run
+    from training.run_config import load_run_config
+    from training.run_folder import write_config
+    from training.demo import CONFIG
+
+    run = tmp_path / "run"
+    overrides = [f"run.out_dir={run}"]
+    run.mkdir()
+    write_config(run, "run_config.yaml", load_run_config(CONFIG, overrides).to_dict())
+    assert not _same_finished_run(run, overrides)  # not finished: no final/
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    assert _same_finished_run(run, overrides)
+    assert not _same_finished_run(run, overrides + ["train.max_steps=7"])  # another config
