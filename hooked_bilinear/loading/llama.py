@@ -232,9 +232,9 @@ def hf_llama_state_dict(model: Any) -> dict[str, Tensor]:
     at beta 0 (x/2) into gate_proj: only those tensors are new."""
     cfg = model.cfg
     ours = dict(model.state_dict())
-    ones = torch.ones(cfg.d_model, dtype=cfg.dtype, device=model.W_E.device)
     for name in ["ln_final.w"] + [f"blocks.{l}.ln{i}.w" for l in range(cfg.n_layers) for i in (1, 2)]:
-        ours.setdefault(name, ones)
+        if name not in ours:  # one tensor each: savers refuse (or drop) tensors that share memory
+            ours[name] = torch.ones(cfg.d_model, dtype=cfg.dtype, device=model.W_E.device)
     if cfg.tie_embeddings:
         ours.pop("unembed.W_U", None)
     for l in range(cfg.n_layers):

@@ -274,3 +274,22 @@ def test_tokenizer_in_the_folder_gets_pad_token_and_side(tmp_path):
     model = HookedBilinearTransformer.from_pretrained(directory)
     assert model.tokenizer.pad_token == "[EOS]" and model.tokenizer.pad_token_id == 2
     assert model.tokenizer.padding_side == "right"
+
+
+def test_papers_model_saves_as_hf_and_native(tmp_path):
+    # Loaded parameters are views sharing the checkpoint's fused tensors; both savers must cope.
+    from transformers import LlamaForCausalLM
+
+    config = papers_config(scale_attn=True)
+    weights = papers_weights(False)
+    model = HookedBilinearTransformer.from_pretrained(write_checkpoint(tmp_path / "ckpt", config, weights),
+                                                      tokenizer=False)
+    model.save_pretrained(tmp_path / "as_hf", format="hf")
+    model.save_pretrained(tmp_path / "native")
+    tokens = random_tokens(N_VOCAB, n_pos=N_CTX)
+    expected = reference_logits(config, weights, tokens)
+    with torch.no_grad():
+        hf = LlamaForCausalLM.from_pretrained(tmp_path / "as_hf").eval()
+        torch.testing.assert_close(hf(tokens).logits, expected, atol=1e-4, rtol=1e-4)
+    again = HookedBilinearTransformer.from_pretrained(tmp_path / "native")
+    torch.testing.assert_close(again(tokens), expected, atol=1e-4, rtol=1e-4)
