@@ -74,13 +74,15 @@ def load_pretrained(name_or_dir: str | Path, device: Optional[str] = None, dtype
     return model
 
 
-def save_pretrained(model: Any, directory: str | Path, format: Literal["native", "hf"] = "native") -> None:
+def save_pretrained(model: Any, directory: str | Path, format: Literal["native", "hf"] = "native",
+                    **kwargs: Any) -> None:
     """Write `model` to `directory` atomically: format="native" (config.json + model.safetensors +
     tokenizer) or "hf" (a LlamaForCausalLM checkpoint any Hugging Face tool can load); both add
-    token_counts.json when `model.token_counts` is set."""
+    token_counts.json when `model.token_counts` is set. kwargs: `max_shard_bytes` (native) or
+    `max_shard_size` (hf, as transformers takes it)."""
     if format == "native":
-        save_native(model, directory)
+        save_native(model, directory, **kwargs)
     elif format in ("hf", "llama"):
-        save_hf_llama(model, directory)
+        save_hf_llama(model, directory, **kwargs)
     else:
         raise ValueError(f"format must be 'native' or 'hf', got {format!r}")

@@ -282,8 +282,9 @@ def to_hf_llama(model: Any) -> Any:
     return hf_model.eval()
 
 
-def save_hf_llama(model: Any, directory: str | Path) -> None:
-    """Write `model` as a Hugging Face Llama checkpoint (+ tokenizer), atomically."""
+def save_hf_llama(model: Any, directory: str | Path, max_shard_size: int | str = "1GB") -> None:
+    """Write `model` as a Hugging Face Llama checkpoint (+ tokenizer), atomically. The HF model
+    shares our parameters (see `to_hf_llama`); transformers copies one shard at a time."""
     from .native import write_checkpoint_atomically
     from .token_counts import token_counts_of, write_token_counts
 
@@ -291,7 +292,7 @@ def save_hf_llama(model: Any, directory: str | Path) -> None:
     hf_model = to_hf_llama(model)
 
     def write(tmp: Path) -> None:
-        hf_model.save_pretrained(str(tmp))
+        hf_model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
         write_token_counts(counts, tmp)  # Hugging Face tools ignore it; from_pretrained reads it

@@ -68,18 +68,46 @@ def write_checkpoint_atomically(directory: str | Path, write: Callable[[Path], N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_native(model: Any, directory: str | Path) -> None:
-    """Write `config.json`, `model.safetensors`, the tokenizer and `model.token_counts` (those two if
-    present) to `directory`, atomically."""
+MAX_SHARD_BYTES = 1 << 30  # larger models are written in shards of about this size
+
+
+def _shard_names(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Tensor names grouped, in order, into shards of at most `max_bytes` (a bigger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def save_native(model: Any, directory: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `config.json`, the weights, the tokenizer and `model.token_counts` (those two if
+    present) to `directory`, atomically. Weights go to `model.safetensors`, or above
+    `max_shard_bytes` to `model-0000i-of-0000n.safetensors` shards plus their index; only one
+    shard's tensors are ever copied (to the CPU, made contiguous) at a time."""
     config = model.cfg.to_dict()
     config["device"] = None  # a checkpoint should load anywhere; the loader's `device=` decides
     config = {"format": FORMAT_MARKER, "format_version": FORMAT_VERSION, **config}
     counts = token_counts_of(model)  # checked before anything is written
-    # safetensors wants contiguous CPU tensors that share no memory.
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    state = model.state_dict()
+    shards = _shard_names({n: t.numel() * t.element_size() for n, t in state.items()}, max_shard_bytes)
+    files = [WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for names, file in zip(shards, files):
+            # safetensors wants contiguous CPU tensors that share no memory: copies, one shard at a time.
+            tensors = {name: state[name].detach().to("cpu").contiguous() for name in names}
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            del tensors
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {name: file for names, file in zip(shards, files) for name in names}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
         write_token_counts(counts, tmp)

@@ -152,3 +152,16 @@ def test_name_that_is_neither_folder_nor_on_hub(tmp_path, monkeypatch):
 def test_bad_save_format(tmp_path):
     with pytest.raises(ValueError, match="format must be"):
         _model().save_pretrained(tmp_path / "x", format="onnx")
+
+
+def test_large_models_are_saved_in_shards_and_load_back(tmp_path):
+    from hooked_bilinear.loading import save_pretrained
+
+    model = _model(n_key_value_heads=2)
+    save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=20_000)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files and "model.safetensors" not in files
+    assert_same_weights(model, HookedBilinearTransformer.from_pretrained(tmp_path / "ckpt"))
+    model.save_pretrained(tmp_path / "ckpt")  # small again: one file, the stale shards removed
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
