@@ -64,7 +64,7 @@ def held_out_tokens(model, n_stories: int = 32):
 def activation_metric(model) -> list[float]:
     """Top-2 eigencomponent correlation of every rule's logit direction at every MLP layer."""
     import circuits
-    from circuits.layer import eigen_readout_correlation
+    from circuits.mlp import eigen_readout_correlation
     from training.stories import CONJUNCTION_ANSWERS, FEELINGS, OBJECT_VERBS
 
     w = lambda word: model.to_single_token(" " + word)

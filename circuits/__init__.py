@@ -4,37 +4,48 @@ An MLP `mlp(x) = ((x W_gate) * (x W_in)) W_out` read along an output direction u
 form `u . mlp(x) = x^T Q(u) x`, `Q(u) = sym(W_gate diag(W_out u) W_in^T)`; the eigenvectors of Q(u)
 are the input features that build that output (DESIGN.md section 5).
 
-Model level (take a HookedBilinearTransformer and a layer; norms folded in; nothing modified):
-    interaction_matrix, eigendecompose, hosvd, mlp_weights, check_exactness
-    directions: unembed_direction, logit_diff_direction, head_directions, mlp_feature_directions, user_direction
-    readouts:   direct_token_scores, ov_token_scores, top_tokens, direct_token_table
-    truncation: truncated_mlps, truncation_sweep
-    circuits:   find_circuit -> CircuitGraph (table, JSON, PNG/HTML)
-Tensor level (pure functions of the weight matrices):
-    interaction_matrix_from_weights, interaction_matvec, eigendecompose_from_weights,
-    topk_eigenvalues_many, hosvd_from_weights, check_quadratic_form, effective_rank, ...
+Modules, in the order a reader can follow (each imports only modules above it):
+
+1. Tensor-level mathematics (weights in, tensors out; no model):
+   interaction.py   Q(u), matrix-free products, the bias augmentation
+   lanczos.py       the Lanczos solvers eigen.py uses for large d
+   eigen.py         eigenpairs of one Q or of many (a whole vocabulary), truncation, effective rank
+   hosvd.py         output directions sharing input features (higher-order SVD via a Gram matrix)
+   paths.py         the readout as a sum of path-pair terms; top entries of token-pair tables
+2. Model-level views (a HookedBilinearTransformer and a layer; nothing modified):
+   mlp.py           one MLP as plain matrices (norm folded), exactness check, activation metric
+   directions.py    output directions: unembedding, logit differences, head read-ins, later MLPs
+   readout.py       live tokens, reading features back into tokens
+   token_view.py    the model reading one token at a time (effective embeddings)
+   attention.py     the QK side: where heads look; composition scores
+   mlp_paths.py     the paths feeding an MLP: exact data view, weight-view token-pair tables
+   truncation.py    truncated MLPs in the model, the truncation sweep
+   sae.py, sae_features.py, sae_report.py, sae_training.py   SAE features as MLP inputs and outputs
+3. Circuit finding:
+   evidence.py      which context tokens push a logit target, through which heads and MLPs
+   graph.py, find.py   the circuit DAG and the backward walk that builds it
+4. report.py        `hooked-bilinear circuits`: the markdown report
 """
 
 from .directions import head_directions, logit_diff_direction, mlp_feature_directions, unembed_direction, user_direction
-from .eigen import Eigen, eigendecompose_from_weights, sort_by_magnitude
+from .eigen import (Eigen, check_quadratic_form, default_krylov_steps, eigendecompose_from_weights, effective_rank,
+                    sort_by_magnitude, topk_eigenvalues_many, truncated_readout)
 from .find import feature_tokens, find_circuit, target_direction
 from .graph import CircuitEdge, CircuitGraph, CircuitNode
 from .hosvd import HOSVD, hosvd_from_weights, interaction_gram, output_gram, singular_interaction_matrix
 from .interaction import (BilinearWeights, as_weights, augment_input, bilinear_mlp_forward,
                           interaction_matrix_from_weights, interaction_matvec)
 from .lanczos import batched_lanczos
-from .layer import (ExactnessReport, MLPWeights, check_exactness, eigendecompose, hosvd, interaction_matrix,
+from .mlp import (ExactnessReport, MLPWeights, check_exactness, eigendecompose, hosvd, interaction_matrix,
                     mlp_input, mlp_weights)
-from .many import default_krylov_steps, topk_eigenvalues_many
 from .readout import TopTokens, direct_token_scores, direct_token_table, normalized_embeddings, ov_token_scores, top_tokens
-from .truncated_model import TruncationResult, truncated_mlps, truncation_sweep
-from .truncation import check_quadratic_form, effective_rank, truncated_readout
+from .truncation import TruncationResult, truncated_mlps, truncation_sweep
 from .paths import TopPairs, pair_terms, top_pair_entries
-from .mlp_paths import PathPair, PathTerms, TokenPath, mlp_path_terms, ov_matrices, rank_path_pairs, token_paths
-from .attention import QKPreferences, composition_score, offset_attention, qk_preferences, qk_scores
+from .mlp_paths import PathPair, PathTerms, TokenPath, mlp_path_terms, rank_path_pairs, token_paths
+from .attention import QKPreferences, composition_score, offset_attention, ov_matrices, qk_preferences, qk_scores
 from .token_view import TokenView, token_view
 from .evidence import PairEvidence, TokenEvidence, key_attention, token_evidence
-from .layer import eigen_readout_correlation
+from .mlp import eigen_readout_correlation
 from .readout import live_token_ids, live_token_mask
 from .sae import (InputBasis, OutputFeatures, SAEWeights, input_basis, load_sae, load_scope_sae, output_features,
                   scope_hook_name)

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .layer import check_layer
+from .mlp import check_layer
 from .readout import Live, live_token_ids, normalized_embeddings, token_label
 
 DEFAULT_OFFSETS = tuple(range(0, 9))
@@ -31,6 +31,14 @@ def _check_head(model: Any, layer: int, head: int) -> int:
     if not isinstance(head, int) or not 0 <= head < model.cfg.n_heads:
         raise ValueError(f"head {head!r} is out of range: layer {layer} has {model.cfg.n_heads} heads")
     return layer
+
+
+def ov_matrices(model: Any, layer: int) -> Tensor:
+    """diag(ln1 gain) W_V^h W_O^h for every head of `layer` (output scale included): [n_heads, d_model, d_model]."""
+    W_V, W_O = model.W_V[layer].detach(), model.W_O[layer].detach()  # [H, d, d_head], [H, d_head, d]
+    gain = getattr(model.blocks[layer].ln1, "w", None)
+    OV = W_V @ W_O
+    return OV * gain.detach()[None, :, None] if gain is not None else OV
 
 
 @torch.no_grad()
@@ -148,8 +156,6 @@ def composition_score(model: Any, writer: tuple[int, int], reader: tuple[int, in
         raise ValueError(f"the writer's layer ({lw}) must come before the reader's ({lr})")
     if kind not in ("q", "k", "v"):
         raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}")
-    from .mlp_paths import ov_matrices
-
     OV = ov_matrices(model, lw)[hw].float()
     gain = getattr(model.blocks[lr].ln1, "w", None)
     g = gain.detach().float()[:, None] if gain is not None else 1.0

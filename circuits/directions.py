@@ -12,7 +12,7 @@ from typing import Any, Literal, Sequence, Union
 import torch
 from torch import Tensor
 
-from .layer import check_layer, eigendecompose
+from .mlp import check_layer, eigendecompose
 
 TokenLike = Union[int, str]
 

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from .directions import logit_diff_direction, unembed_direction
+from .attention import ov_matrices
 from .interaction import augment_input
-from .layer import check_bilinear, interaction_matrix
-from .mlp_paths import ov_matrices
+from .mlp import check_bilinear, interaction_matrix
 from .paths import top_pair_entries
 from .readout import Live, token_label
 from .token_view import TokenView, token_view

@@ -40,12 +40,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .attention import qk_preferences
+from .attention import ov_matrices, qk_preferences
 from .directions import head_directions, logit_diff_direction, unembed_direction
 from .graph import CircuitEdge, CircuitGraph, CircuitNode
-from .layer import check_bilinear, check_layer, eigendecompose
+from .mlp import check_bilinear, check_layer, eigendecompose
 from .evidence import key_attention
-from .mlp_paths import ov_matrices
 from .readout import Live, TopTokens, live_token_ids, normalized_embeddings, token_label, top_tokens
 from .token_view import TokenView, token_view
 

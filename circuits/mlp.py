@@ -15,9 +15,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .eigen import Eigen, eigendecompose_from_weights
+from .eigen import Eigen, eigendecompose_from_weights, truncated_readout
 from .interaction import bilinear_mlp_forward, interaction_matrix_from_weights
-from .truncation import truncated_readout
 
 
 @dataclass

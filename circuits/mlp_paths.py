@@ -24,8 +24,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .attention import ov_matrices
 from .eigen import Eigen
-from .layer import check_direction, check_layer, eigendecompose, mlp_weights
+from .mlp import check_direction, check_layer, eigendecompose, mlp_weights
 from .paths import pair_terms, top_pair_entries
 from .readout import live_token_ids, normalized_embeddings, token_label
 
@@ -41,14 +42,6 @@ class TokenPath:
     heads: tuple[tuple[int, int], ...] = ()
     mlp_layer: Optional[int] = None
     R: Tensor = field(default=None, repr=False)
-
-
-def ov_matrices(model: Any, layer: int) -> Tensor:
-    """diag(ln1 gain) W_V^h W_O^h for every head of `layer` (output scale included): [n_heads, d_model, d_model]."""
-    W_V, W_O = model.W_V[layer].detach(), model.W_O[layer].detach()  # [H, d, d_head], [H, d_head, d]
-    gain = getattr(model.blocks[layer].ln1, "w", None)
-    OV = W_V @ W_O
-    return OV * gain.detach()[None, :, None] if gain is not None else OV
 
 
 def writers_before(model: Any, layer: int, stage: str) -> tuple[list[int], list[int]]:

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .layer import check_layer, mlp_weights
+from .mlp import check_layer, mlp_weights
 
 
 Live = Union[None, str, Tensor]

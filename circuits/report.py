@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from .evidence import token_evidence
 from .find import feature_tokens, find_circuit, target_direction
-from .layer import check_bilinear, check_layer, eigendecompose, hosvd
+from .mlp import check_bilinear, check_layer, eigendecompose, hosvd
 from .readout import normalized_embeddings
-from .truncated_model import truncation_sweep
-from .truncation import effective_rank
+from .eigen import effective_rank
+from .truncation import truncation_sweep
 
 DENSE_SPECTRUM_MAX_D = 1024  # above this, plot only the top eigenvalues (matrix-free)
 

@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .layer import check_layer
+from .mlp import check_layer
 
 __all__ = ["SAEWeights", "OutputFeatures", "InputBasis", "load_sae", "load_scope_sae", "scope_hook_name",
            "output_features", "input_basis"]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .interaction import augment_input, bilinear_mlp_forward, interaction_matrix_from_weights
-from .layer import eigendecompose, mlp_input, mlp_weights
+from .mlp import eigendecompose, mlp_input, mlp_weights
 from .sae import InputBasis, OutputFeatures, SAEWeights
 
 __all__ = ["SAEExactness", "InputInteractions", "TopInteractions", "EigenCorrelation",

@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .eigen import Eigen
-from .layer import check_direction, check_layer, eigendecompose, hosvd, mlp_input
-from .truncation import effective_rank
+from .eigen import Eigen, effective_rank
+from .mlp import check_direction, check_layer, eigendecompose, hosvd, mlp_input
 
 
 def orthonormal_output_basis(model: Any, layer: int) -> Tensor:

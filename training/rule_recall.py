@@ -173,7 +173,7 @@ def _induction_recall(model: Any, view: Any, names: Sequence[str]) -> RuleResult
     head with the largest K-composition with it, and the share of names that head's OV copies (the
     name's own token is its top output among live tokens, through the unembedding)."""
     from circuits.attention import composition_score, offset_attention
-    from circuits.mlp_paths import ov_matrices
+    from circuits.attention import ov_matrices
 
     nan = float("nan")
     H, L = model.cfg.n_heads, model.cfg.n_layers

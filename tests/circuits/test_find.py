@@ -54,7 +54,7 @@ def test_scores_are_contributions_of_real_tokens(graph):
     largest squared read, at least the query's own."""
     from circuits.evidence import key_attention
     from circuits.find import _ov_vectors
-    from circuits.layer import eigendecompose
+    from circuits.mlp import eigendecompose
     from circuits.token_view import token_view
 
     model, g = graph

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from circuits.directions import head_directions, logit_diff_direction, mlp_feature_directions, unembed_direction, user_direction
-from circuits.layer import check_exactness, eigendecompose, interaction_matrix, mlp_weights
+from circuits.mlp import check_exactness, eigendecompose, interaction_matrix, mlp_weights
 from circuits.readout import normalized_embeddings, direct_token_scores, direct_token_table, ov_token_scores, top_tokens
-from circuits.truncated_model import truncation_sweep
+from circuits.truncation import truncation_sweep
 from hooked_bilinear import HookedBilinearTransformer
 
 from ..conftest import tiny_config

@@ -8,7 +8,7 @@ from circuits.directions import logit_diff_direction, unembed_direction
 from circuits.mlp_paths import mlp_path_terms, rank_path_pairs, token_paths
 from circuits.paths import pair_terms, top_pair_entries
 from circuits.eigen import eigendecompose_from_weights
-from circuits.layer import mlp_weights
+from circuits.mlp import mlp_weights
 from circuits.readout import live_token_ids, live_token_mask, normalized_embeddings, top_tokens
 from hooked_bilinear import HookedBilinearTransformer
 

@@ -70,7 +70,7 @@ def test_input_basis_maps_the_hook_onto_x(model, point):
     (times the norm scale for resid_mid) it must give back x = mlp_input, the space Q acts on."""
     from dataclasses import replace
 
-    from circuits.layer import mlp_input
+    from circuits.mlp import mlp_input
 
     d = D_MODEL
     _, cache = model.run_with_cache(TOKENS)
@@ -146,7 +146,7 @@ def test_eigen_correlation_is_one_with_every_eigenpair(model):
     assert res.correlation.shape == (6, 3)
     torch.testing.assert_close(res.correlation[:, 2], torch.ones(6), atol=1e-4, rtol=0)
     # k=1 by brute force for one feature
-    from circuits.layer import eigendecompose, mlp_input
+    from circuits.mlp import eigendecompose, mlp_input
     from circuits.interaction import augment_input
 
     _, cache = model.run_with_cache(TOKENS)
@@ -209,7 +209,7 @@ def test_output_directions_feed_eigendecomposition_and_hosvd_in_batches(model):
     """The [n, d_model] block of encoder rows goes straight into the batched model-level API:
     each feature's eigendecomposition reproduces its pre-activation, and HOSVD ranks shared structure."""
     from circuits.interaction import augment_input
-    from circuits.layer import eigendecompose, hosvd, mlp_input
+    from circuits.mlp import eigendecompose, hosvd, mlp_input
 
     out = output_features(model, random_sae(), hook_name=f"blocks.{LAYER}.hook_mlp_out", features=range(5))
     eig = eigendecompose(model, LAYER, out.directions)  # batched: values [5, d], vectors [5, d, d]
