@@ -411,6 +411,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(interrupted_message("finetune", stop, run_dir), file=sys.stderr)
         return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (data preparation, final save): no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\nhooked-bilinear finetune: interrupted outside the training steps; complete checkpoints (if any) "
+                  "are kept", file=sys.stderr)
+        return 130
     return 0
 
 
