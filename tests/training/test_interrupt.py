@@ -153,3 +153,15 @@ def test_a_signal_on_one_process_stops_every_process_at_the_same_step(tmp_path, 
     assert sorted(p.name for p in Path(checkpoint).glob("random_states_*")) == ["random_states_0.pkl",
                                                                               "random_states_1.pkl"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]  # no temporary left
+
+
+def test_ctrl_c_outside_the_training_steps_gives_one_line_not_a_traceback(monkeypatch, tmp_path, capsys):
+    import training.train as train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. while the corpus is packed
+
+    monkeypatch.setattr(train, "run_training", interrupted)
+    assert train.main(["--config", TINY, "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted outside the training steps" in err and "Traceback" not in err
