@@ -218,7 +218,8 @@ def load_papers(directory: str | Path, device: Optional[str] = None, dtype: Any 
     weights = read_weights(directory, device=device)
     layout = layout_of(raw, weights)
     cfg = config_from_papers(raw, weights, dtype=dtype, device=device, model_name=model_name or str(directory))
-    ours = state_dict_from_papers(weights, cfg, layout, source=str(directory))
     settings = {k: v for k, v in (("pad_token", layout.pad_token), ("padding_side", layout.padding_side)) if v}
-    tok = pick_tokenizer(tokenizer, directory, cfg.tokenizer_name, **settings)
-    return fill_model(empty_model(cfg, tokenizer=tok), ours, str(directory))
+    model = empty_model(cfg, tokenizer=pick_tokenizer(tokenizer, directory, cfg.tokenizer_name, **settings))
+    ours = state_dict_from_papers(weights, cfg, layout, source=str(directory))
+    del weights  # fill_model frees each source tensor once its parameter is made
+    return fill_model(model, ours, str(directory))

@@ -174,8 +174,10 @@ def load_hf_llama(directory: str | Path, device: Optional[str] = None, dtype: An
     directory = Path(directory)
     hf_config = LlamaConfig.from_pretrained(str(directory))  # also upgrades older config.json layouts
     cfg = config_from_hf_llama(hf_config, dtype=dtype, device=device, model_name=model_name or str(directory))
-    ours = state_dict_from_hf_llama(read_weights(directory, device=cfg.device), cfg, source=str(directory))
-    return fill_model(empty_model(cfg, tokenizer=pick_tokenizer(tokenizer, directory)), ours, str(directory))
+    model = empty_model(cfg, tokenizer=pick_tokenizer(tokenizer, directory))
+    # One expression: the converted dict is referenced by fill_model alone, which frees as it goes.
+    return fill_model(model, state_dict_from_hf_llama(read_weights(directory, device=cfg.device), cfg,
+                                                      source=str(directory)), str(directory))
 
 
 # --- ours -> Hugging Face ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -78,17 +78,19 @@ def empty_model(cfg: HookedBilinearConfig, tokenizer: Any = None) -> Any:
 
 
 @torch.no_grad()
-def fill_model(model: Any, state_dict: Mapping[str, Tensor], source: str) -> Any:
+def fill_model(model: Any, state_dict: dict[str, Tensor], source: str) -> Any:
     """Check `state_dict` against `model` (every name and shape, errors naming `source`), then make
     each tensor the model's parameter in `cfg.dtype` on `cfg.device`. Returns the model in eval mode.
 
-    The model may share memory with `state_dict` (no copy is made when dtype and device match)."""
+    Consumes `state_dict` (emptied as it goes, so a tensor replaced by a converted or contiguous
+    copy is freed at once: peak memory is the model plus one tensor). The model may share memory
+    with the tensors it was given (no copy is made when dtype and device match)."""
     check_state_dict(model, state_dict, source)
     cfg = model.cfg
     device = torch.device(cfg.device if cfg.device is not None else "cpu")
     ready: dict[str, Tensor] = {}
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().to(device=device, dtype=cfg.dtype)
+    for name in list(state_dict):
+        tensor = state_dict.pop(name).detach().to(device=device, dtype=cfg.dtype)
         if device.type != "cpu":
             # Device memory is not memory-mapped; a contiguous layout there is what fused kernels
             # and optimizers (fused AdamW, DDP buckets) prefer, and costs one tensor at a time.
