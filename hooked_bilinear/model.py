@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -28,7 +27,7 @@ from transformer_lens.hook_points import HookPoint
 from .activation_cache import make_activation_cache
 from .components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from .config import HookedBilinearConfig
-from .kv_cache import KVCache
+from .positions import layer_cache, positions_and_masks
 from .processing import ProcessingMixin
 from .tl_api import TransformerLensAPIMixin
 from .tokens import TokenizerMixin
@@ -36,17 +35,6 @@ from .weights import WeightViewsMixin
 
 TextOrTokens = Union[str, Sequence[str], Tensor]
 Output = namedtuple("Output", ["logits", "loss"])  # return_type="both", as in TransformerLens
-
-
-def is_transformer_lens_cache(cache: Any) -> bool:
-    """TransformerLens's `TransformerLensKeyValueCache` (duck-typed: the class moved between versions)."""
-    return cache is not None and hasattr(cache, "entries") and hasattr(cache, "append_attention_mask")
-
-
-def _layer_cache(cache: Any, layer: int) -> Any:
-    if cache is None:
-        return None
-    return cache.entries[layer] if is_transformer_lens_cache(cache) else cache.layers[layer]
 
 
 class HookedBilinearTransformer(
@@ -148,11 +136,11 @@ class HookedBilinearTransformer(
             )
         else:
             residual = input
-            where = self._positions(residual.shape[0], residual.shape[1], attention_mask, past_kv_cache)
+            where = positions_and_masks(self, residual.shape[0], residual.shape[1], attention_mask, past_kv_cache)
         positions, key_mask, key_positions = where
         for layer in range(start, stop):
-            layer_cache = _layer_cache(past_kv_cache, layer)
-            residual = self.blocks[layer](residual, positions, key_mask, layer_cache, key_positions)
+            cache_entry = layer_cache(past_kv_cache, layer)
+            residual = self.blocks[layer](residual, positions, key_mask, cache_entry, key_positions)
         if stop_at_layer is not None:
             return residual
         normalized = self.ln_final(residual)
@@ -188,7 +176,7 @@ class HookedBilinearTransformer(
         else:
             tokens = input
         tokens = self._check_tokens(tokens)
-        where = self._positions(tokens.shape[0], tokens.shape[1], attention_mask, past_kv_cache)
+        where = positions_and_masks(self, tokens.shape[0], tokens.shape[1], attention_mask, past_kv_cache)
         if self.cfg.use_hook_tokens:
             tokens = self.hook_tokens(tokens)
         residual = self.hook_embed(self.embed(tokens))
@@ -206,49 +194,6 @@ class HookedBilinearTransformer(
     ) -> Tensor:
         """Next-token cross-entropy; see `loss_fn` (the same, callable without a model)."""
         return TransformerLensAPIMixin.loss_fn(None, logits, tokens, attention_mask, per_token)
-
-    def _positions(
-        self, batch: int, n_pos: int, attention_mask: Optional[Tensor], cache: Any
-    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """Absolute positions [batch, pos], the key mask [batch, key_pos] (None: no padding) and,
-        for TransformerLens's cache (which keeps keys unrotated), every key's position."""
-        device = self.W_E.device
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(device)
-            if attention_mask.shape != (batch, n_pos) and cache is None:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, n_pos)}")
-        key_positions = None
-        if is_transformer_lens_cache(cache):
-            past = cache.entries[0].past_keys.shape[1] if cache.entries else 0
-            new = torch.ones(batch, n_pos, dtype=torch.long, device=device) if attention_mask is None else attention_mask
-            full = cache.append_attention_mask(new.long()).to(device)
-            key_mask = None if bool(full.all()) else full.bool()
-            key_positions = (full.long().cumsum(-1) - 1).clamp(min=0)
-            positions = key_positions[:, -n_pos:]
-        elif cache is not None:
-            past = cache.length
-            key_mask = cache.extend_mask(attention_mask, batch, n_pos, device)
-            if key_mask is None:
-                positions = torch.arange(cache.length, cache.length + n_pos, device=device).expand(batch, -1)
-            else:
-                positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_pos:]
-            cache.length += n_pos
-        elif attention_mask is not None:
-            past = 0
-            key_mask = attention_mask.bool()
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            past = 0
-            key_mask = None
-            positions = torch.arange(n_pos, device=device).expand(batch, -1)
-        # The bound needs no device sync; only a sequence that might be too long pays for the exact max.
-        bound = past + n_pos - 1
-        if bound >= self.cfg.n_ctx and positions.numel() and int(positions.max()) >= self.cfg.n_ctx:
-            raise ValueError(
-                f"sequence reaches position {int(positions.max())} but the model's context is n_ctx={self.cfg.n_ctx}; "
-                f"truncate the input (e.g. tokens[:, -{self.cfg.n_ctx}:]) or generate fewer tokens"
-            )
-        return positions, key_mask, key_positions
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
         if tokens.ndim == 1:
