@@ -11,8 +11,8 @@ an interrupted and resumed run ends equal to an uninterrupted one. The one CPU k
 whatever order the threads finish: two 2-thread runs of the demo differed from step 10 on) has a
 deterministic variant that ``torch.use_deterministic_algorithms`` selects; on CPU it is also faster.
 On GPUs the same switch would need ``CUBLAS_WORKSPACE_CONFIG`` and makes some kernels raise, so it
-is left off there: GPU runs are not bit-reproducible (atomic adds in embedding backward, cuBLAS
-and attention kernel choices, bf16 reductions) - see the README's "Training" section.
+is left off there: GPU runs are not guaranteed bit-reproducible (atomic adds in embedding backward,
+cuBLAS and attention kernel choices, bf16 reductions; not measured here) - see the README's "Training".
 """
 
 from __future__ import annotations
