@@ -12,13 +12,16 @@ it is in the context, pushes u?". We answer it with a weight-only stand-in for a
   best offset in `offsets` (rotary models);
 * what the head then writes is the key's effective embedding, normalized, through `diag(g) W_V W_O`.
 
-A token's **evidence** is the sum of what it adds to u through every route: straight into the
-final residual through each head (the OV path), and through each later MLP, where it meets the
-query's own residual and itself (`2 x_b^T Q x_q + x_b^T Q x_b`, plus a bias term for biased MLPs).
-Two tokens arriving through two heads also meet each other inside an MLP: their **pair evidence**
-`2 x_s^T Q(u) x_t` is the interaction only a bilinear (or any non-linear) MLP can add, and the way
-a rule that needs *both* words (a negation, an exclusive or) shows up. Units: logit difference, with
-the final norm's scale taken from the query's own one-token forward pass.
+A token's **evidence** is what its presence adds to u at the query: the model at the query's
+position in a virtual context of the query, the token and typical filler, minus the same without
+the token (`circuits.virtual_context`: every layer, every chain -- a layer-0 head feeding MLP 0
+feeding MLP 1 -- computed from the weights). It is split into first-order **routes**: straight into
+the final residual through each head (the OV path), and through each MLP where the token meets the
+query's own residual and itself (`2 x_b^T Q x_q + x_b^T Q x_b`); "chains" holds the rest (effects
+that pass through more than one layer, and the norms' rescaling). Two tokens together also
+**interact** inside a bilinear MLP: `2 x_s^T Q(u) x_t` for tokens brought by two heads (ranked over
+every pair of heads and tokens without forming the token x token table, `circuits.paths`): the way
+a rule that needs *both* words (a negation, an exclusive or) shows up. Units: logit difference.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .mlp import check_bilinear, interaction_matrix
 from .paths import top_pair_entries
 from .readout import Live, token_label
 from .token_view import TokenView, token_view
+from .virtual_context import virtual_readout
 
 DEFAULT_OFFSETS = tuple(range(1, 9))
 TokenSet = Union[int, str, Sequence[Union[int, str]]]
@@ -44,7 +48,8 @@ TokenSet = Union[int, str, Sequence[Union[int, str]]]
 @dataclass
 class PairEvidence:
     """Two context tokens interacting inside the MLP of `layer`: `value` is what the pair adds to the
-    target beyond what each adds alone, with each token's route (the head that brings it)."""
+    target beyond what each adds alone (`2 x_s^T Q x_t`), with each token's route (the head that
+    brings it)."""
 
     value: float
     token_s: str
@@ -182,7 +187,7 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
             attention[f"L{l}H{h}"] = p
             head_vectors[l, h] = p[:, None] * (X @ ov[h])  # [n, d_model], attention included
             routes[f"L{l}H{h}"] = head_vectors[l, h] @ u / final
-    pairs: list[PairEvidence] = []
+    first_order: list[tuple] = []  # (value, s, t, MLP layer, head bringing s, head bringing t)
     for l in range(L):
         Q = interaction_matrix(model, l, u).to(dtype)  # [d, d], d = d_model (+1 with biases)
         scale = view.ln2_scale[l][qi]
@@ -206,13 +211,28 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
                 top = top_pair_entries(head_vectors[l1, h1] / scale, head_vectors[l2, h2] / scale, Q=Q_tok,
                                        k=n_pairs + (0 if same else 1), same=same, diagonal=False,
                                        multiplicity=2.0, sign=1)
-                for value, s, t in zip(top.values.tolist(), top.rows.tolist(), top.cols.tolist()):
-                    if s == t:
-                        continue  # one token through two heads: part of that token's own evidence
-                    pairs.append(PairEvidence(value / float(final), token_label(model, int(view.ids[s])), f"L{l1}H{h1}",
-                                              token_label(model, int(view.ids[t])), f"L{l2}H{h2}", l))
-    pairs.sort(key=lambda p: -p.value)
-    total = torch.stack(list(routes.values())).sum(0)
+                first_order += [(v / float(final), s, t, l, f"L{l1}H{h1}", f"L{l2}H{h2}") for v, s, t in
+                                zip(top.values.tolist(), top.rows.tolist(), top.cols.tolist()) if s != t]
+    n = view.ids.numel()
+    # The whole effect of each token (every layer and chain), in the virtual context.
+    alone = virtual_readout(model, view, qi, torch.arange(-1, n, device=view.ids.device)[:, None], u,
+                            competitors, offsets)
+    empty, single = alone[0], alone[1:] - alone[0]
+    routes["chains and the rest"] = single - torch.stack(list(routes.values())).sum(0)
+    total = single
+    # Interactions: the bilinear pair terms, strongest first (each pair once, through its best heads).
+    first_order.sort(key=lambda f: -f[0])
+    pairs: list[PairEvidence] = []
+    seen: set = set()
+    for value, s_, t_, l, r_s, r_t in first_order:
+        key = (min(s_, t_), max(s_, t_))
+        if key in seen:
+            continue
+        seen.add(key)
+        pairs.append(PairEvidence(value, token_label(model, int(view.ids[s_])), r_s,
+                                  token_label(model, int(view.ids[t_])), r_t, l))
+        if len(pairs) == n_pairs:
+            break
     labels = [token_label(model, int(t)) for t in view.ids]
     return TokenEvidence(target=label, query=labels[qi], query_id=int(view.ids[qi]), ids=view.ids, labels=labels,
-                         total=total, routes=routes, attention=attention, pairs=pairs[: max(n_pairs, 0)])
+                         total=total, routes=routes, attention=attention, pairs=pairs)

@@ -1,0 +1,120 @@
+"""The model at one position in a *virtual context*: the query token, a few key tokens, and typical
+filler -- every layer computed from the weights, with no corpus.
+
+`circuits.evidence` splits a token's effect into first-order routes (a head straight into the logits,
+a head meeting the query inside one MLP). Real models also chain: a layer-0 head brings a token,
+MLP 0 turns it into a feature, MLP 1 reads that feature. `virtual_readout` follows every chain at
+once by running the query's position layer by layer:
+
+* the query's residual starts as its embedding; each layer adds attention, then the MLP (the
+  model's own norms and MLPs, on the simulated residual);
+* head h of layer l attends from the query (its current simulated residual, so a token that an
+  earlier layer brought changes where later heads look: Q-composition) to itself (offset 0), to each
+  key token (at the best offset in `offsets`), and to `competitors` typical tokens (drawn by training
+  frequency; their attention-weighted mean value stands in for them);
+* a key token is seen through its effective embedding (`circuits.token_view`): what the model builds
+  for the token alone, which is exactly what the model holds at that position when the key is the
+  first token of the sequence.
+
+So with `offsets=(1,)`, `competitors=0` and one key b, the result is exactly the model's own readout
+on the sequence [b, query] (tested); with no key it is the model on [query] alone. A token's total
+evidence is `virtual_readout(with b) - virtual_readout(without)`, and the interaction of two tokens
+`f(s, t) - f(s) - f(t) + f()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .token_view import TokenView
+
+
+def _norm(model: Any, module: Any, x: Tensor) -> Tensor:
+    """A norm module applied to rows [m, d_model] (its hooks see [m, 1, d_model])."""
+    return module(x[:, None])[:, 0]
+
+
+def _rotate(model: Any, layer: int, t: Tensor, position: int) -> Tensor:
+    """Rotary rotation of per-head vectors t [m, H, d_head] to `position` (identity without rotary)."""
+    if model.cfg.positional_embedding_type != "rotary":
+        return t
+    rotary = model.blocks[layer].attn.rotary
+    return rotary(t[:, None], torch.full((t.shape[0], 1), position, dtype=torch.long, device=t.device))[:, 0]
+
+
+@torch.no_grad()
+def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
+                    competitors: float = 1.0, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048) -> Tensor:
+    """`u . ln_final(resid)` at the query, for each row of virtual key tokens: [m].
+
+    query: index into `view.ids`; keys: [m, k] indices into `view.ids` (-1: no token in that slot);
+    u: [d_model] (a direction that includes the final norm's gain, e.g. `unembed_direction`)."""
+    if keys.ndim != 2:
+        raise ValueError(f"keys must be [m, k] indices into the live tokens (-1 for none), got {tuple(keys.shape)}")
+    out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets)
+           for s in range(0, keys.shape[0], chunk)]
+    return torch.cat(out) if out else u.new_zeros(0)
+
+
+def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float,
+                   offsets: Sequence[int]) -> Tensor:
+    cfg = model.cfg
+    m, n_keys = keys.shape
+    dtype = view.resid[0].dtype
+    offsets = [o for o in offsets if 0 < o < cfg.n_ctx] or [1]
+    q_pos = max(offsets)  # the query sits after every key; only relative offsets matter (rotary)
+    present = keys >= 0  # [m, k]
+    safe = keys.clamp_min(0)
+    x = model.W_E.detach()[view.ids[query]].to(dtype).expand(m, -1).clone()  # [m, d_model]
+    freq = view.frequency.to(dtype)
+    for l in range(cfg.n_layers):
+        block = model.blocks[l]
+        W_Q, W_K, W_V = model.W_Q[l].detach(), model.W_K[l].detach(), model.W_V[l].detach()  # [H, d, dh]
+        b_Q, b_K, b_V = model.b_Q[l].detach(), model.b_K[l].detach(), model.b_V[l].detach()  # [H, dh]
+        W_O, b_O = model.W_O[l].detach(), model.b_O[l].detach()  # [H, dh, d], [d]
+        scale = cfg.d_head ** -0.5
+        # The query's own query/key/value, from its simulated residual.
+        xq = _norm(model, block.ln1, x)
+        q = torch.einsum("md,hdk->mhk", xq, W_Q) + b_Q
+        k_self = torch.einsum("md,hdk->mhk", xq, W_K) + b_K
+        v_self = torch.einsum("md,hdk->mhk", xq, W_V) + b_V
+        s_self = (_rotate(model, l, q, q_pos) * _rotate(model, l, k_self, q_pos)).sum(-1) * scale  # [m, H]
+        # Every live token as a key: effective embeddings, best offset per (query row, key).
+        xk = _norm(model, block.ln1, view.resid[l].to(dtype))
+        k_all = torch.einsum("nd,hdk->nhk", xk, W_K) + b_K  # [n, H, dh]
+        v_all = torch.einsum("nd,hdk->nhk", xk, W_V) + b_V
+        k_rot = _rotate(model, l, k_all, q_pos - max(offsets))
+        logits = torch.stack([
+            torch.einsum("mhk,nhk->mhn", _rotate(model, l, q, q_pos - max(offsets) + o), k_rot)
+            for o in offsets]).amax(0) * scale  # [m, H, n]
+        # Typical competitors: frequency-weighted, their attention-weighted mean value.
+        shift = torch.maximum(logits.amax(-1), s_self)  # [m, H]
+        w_all = (logits - shift[..., None]).exp()  # [m, H, n]
+        typical_mass = competitors * torch.einsum("mhn,n->mh", w_all, freq)
+        typical_value = torch.einsum("mhn,n,nhk->mhk", w_all, freq, v_all) / torch.einsum(
+            "mhn,n->mh", w_all, freq).clamp_min(1e-30)[..., None]
+        # The key tokens of each row.
+        s_keys = logits.gather(-1, safe[:, None, :].expand(m, logits.shape[1], n_keys))  # [m, H, k]
+        w_keys = (s_keys - shift[..., None]).exp() * present[:, None, :]
+        w_self = (s_self - shift).exp()
+        total = w_self + typical_mass + w_keys.sum(-1)
+        v_keys = v_all[safe]  # [m, k, H, dh]
+        z = (w_self[..., None] * v_self + typical_mass[..., None] * typical_value
+             + torch.einsum("mhk,mkhd->mhd", w_keys, v_keys)) / total[..., None]
+        x = x + torch.einsum("mhd,hdo->mo", z, W_O) + b_O
+        x = x + block.mlp(_norm(model, block.ln2, x)[:, None])[:, 0]
+    return _normalized(model, x) @ u.to(dtype)
+
+
+def _normalized(model: Any, x: Tensor) -> Tensor:
+    """The final norm without its gain (u from `unembed_direction` carries the gain):
+    `ln_final.hook_normalized`."""
+    kind = model.cfg.normalization_type
+    if kind is None:
+        return x
+    if kind == "LN":
+        x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
