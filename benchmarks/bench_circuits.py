@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchstats import default_out, fmt  # noqa: E402
 from circuits import (eigendecompose_from_weights, hosvd_from_weights,  # noqa: E402
                       interaction_matrix_from_weights, topk_eigenvalues_many)
-from circuits.many import default_krylov_steps  # noqa: E402
+from circuits.eigen import default_krylov_steps  # noqa: E402
 
 SIZES = {  # name: (d_model, d_mlp, d_vocab)
     "ts-medium": (512, 2048, 4096),
