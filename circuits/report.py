@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-len", type=int, default=32, help="length of each sequence (capped at n_ctx)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--sae-out", default=None, help="an SAE on an MLP's output (SAELens folder or the authors' "
+                   "scope folder): adds the SAE-features section (exactness, the paper's top-k correlation metric)")
+    p.add_argument("--sae-in", default=None, help="an SAE on the same MLP's input: adds the top input-feature interactions")
     p.add_argument("--out", default="circuits_report", help="output folder (created)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -136,7 +139,7 @@ def _sample_tokens(model: Any, kind: str, n: int, length: int, seed: int) -> tup
 def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[int]] = None, k: int = 4,
                  k_heads: int = 4, threshold: float = 0.02, max_nodes: int = 32, n_tokens: int = 8,
                  samples: str = "model", n_samples: int = 4, sample_len: int = 32, seed: int = 0,
-                 progress: bool = True, source: str = "") -> Path:
+                 progress: bool = True, source: str = "", sae_out: Any = None, sae_in: Any = None) -> Path:
     """Write the report for `target` (see `circuits.find.target_direction`) into folder `out`;
     returns the path of report.md."""
     check_bilinear(model)
@@ -250,6 +253,14 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
            f"prefers from the query `{graph.meta.get('query')!r}`; for MLP features, the best path pair. "
            f"Exact definition: {graph.meta['score']}.", "",
            graph.to_table(markdown=True, n_tokens=5), ""]
+    if sae_out is not None:
+        from .sae import load_sae
+        from .sae_report import sae_report_section
+
+        tokens, label = _sample_tokens(model, samples, max(n_samples, 16), sample_len, seed + 1)
+        md += [sae_report_section(model, load_sae(sae_out), tokens.to(model.W_E.device),
+                                  input_sae=None if sae_in is None else load_sae(sae_in)), "",
+               f"(SAE section inputs: {label}.)", ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
@@ -270,7 +281,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         path = write_report(model, target, Path(args.out), layers=args.layers, k=args.k, k_heads=args.k_heads,
                             threshold=args.threshold, max_nodes=args.max_nodes, n_tokens=args.n_tokens,
                             samples=args.samples, n_samples=args.n_samples, sample_len=args.sample_len,
-                            seed=args.seed, progress=not args.quiet, source=str(args.model_dir))
+                            seed=args.seed, progress=not args.quiet, source=str(args.model_dir),
+                            sae_out=args.sae_out, sae_in=args.sae_in)
     except (ValueError, OSError) as e:  # bad targets; missing folders, run folders instead of models
         parser.error(str(e))
     print(f"circuit report written to {path} (plots and circuit.json alongside)")
