@@ -15,11 +15,18 @@ For each planted rule of `training.stories` this module measures two things:
   negation        negated follow-ups - plain follow-ups       the top pair is (' not', the feeling)
   pronoun         ' she' - ' he'                              a name's evidence has its gender's sign
   conjunction     ' swam' - ' drew' and ' drew' - ' swam'     the two top pairs are the rule's two pairs
-  name_recall     (no logit target: copying)                  a previous-token head K-composes into an
-                                                              induction head that copies each name
+  name_recall     the name - the other names, after "."       the name itself (an earlier mention) is the
+                                                              top evidence token: copying
   ==============  =========================================  ============================================
 
 Recall is the share of a rule's cases (objects, feelings, names, pairs) named correctly.
+
+For name_recall the details also report the classic induction check (a layer-0 previous-token head
+found from its positional habit on random live-token sequences, the later head with the largest
+K-composition with it, and the share of names its OV copies). In this corpus a later mention of a
+name follows "Then," / "." / "and", never the token that followed the name before, so the
+[A][B] ... [A] -> [B] pattern an induction head completes does not occur; the models copy instead,
+which is what the recall itself measures.
 """
 
 from __future__ import annotations
@@ -163,7 +170,22 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
         details.append(f"{answer}: top pairs {[sorted(g) for g in got]} (want {[sorted(x) for x in want]})")
     out["conjunction"] = RuleResult("conjunction", nan, 0, hits / len(CONJUNCTION_ANSWERS), len(CONJUNCTION_ANSWERS), details)
 
-    out["name_recall"] = _induction_recall(model, view, [w(n) for n in NAME_GENDER])
+    names = [w(n) for n in NAME_GENDER]
+    induction = _induction_recall(model, view, names)
+    details, hits = [], 0
+    # Copying, asked where a sentence starts ("." is the query: most later mentions open a sentence;
+    # the default query would be "named", after which the name is new and cannot be copied).
+    period = model.to_string([model.tokenizer(".")["input_ids"][0]])
+    for name in names:  # a name in the context is what pushes that name over the others
+        e = token_evidence(model, (name, [x for x in names if x != name]), query=period, view=view,
+                           competitors=competitors, n_pairs=0)
+        top = e.top_tokens(1)[0][0]
+        hits += top == name
+        if top != name:
+            details.append(f"{name!r}: top evidence {top!r} (query {e.query!r})")
+    out["name_recall"] = RuleResult("name_recall", nan, 0, hits / len(names), len(names),
+                                    [f"copying: {hits}/{len(names)} names are their own top evidence"] + details
+                                    + [f"induction check: {induction.details[0]}"])
     return out
 
 
