@@ -22,6 +22,22 @@ def test_kv_cache_logits_equal_full_forward(tiny_model):
     torch.testing.assert_close(torch.cat([first] + rest, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_kv_cache_grows_past_its_capacity_and_supports_autograd(tiny_model):
+    tokens = torch.randint(0, 48, (2, 24))
+    full = tiny_model(tokens)
+    with torch.no_grad():  # in-place buffer (capacity 16, then 32)
+        cache = KVCache.empty(2)
+        steps = [tiny_model(tokens[:, :3], past_kv_cache=cache)]
+        steps += [tiny_model(tokens[:, i:i + 1], past_kv_cache=cache) for i in range(3, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.layers[0].k_buffer.shape[1] == 32
+    cache = KVCache.empty(2)  # with autograd: concatenation, and a backward pass works
+    out = [tiny_model(tokens[:, :4], past_kv_cache=cache), tiny_model(tokens[:, 4:5], past_kv_cache=cache)]
+    torch.cat(out, dim=1).sum().backward()
+    assert tiny_model.W_E.grad is not None
+    tiny_model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("overrides", [dict(n_key_value_heads=2), dict(attn_bias=True, n_key_value_heads=1)])
 def test_few_row_attention_path_equals_the_fused_one(overrides):
     # <= d_head rows take per-head products (generation steps), more rows one fused GEMM.
