@@ -19,9 +19,11 @@ feeding MLP 1 -- computed from the weights). It is split into first-order **rout
 the final residual through each head (the OV path), and through each MLP where the token meets the
 query's own residual and itself (`2 x_b^T Q x_q + x_b^T Q x_b`); "chains" holds the rest (effects
 that pass through more than one layer, and the norms' rescaling). Two tokens together also
-**interact** inside a bilinear MLP: `2 x_s^T Q(u) x_t` for tokens brought by two heads (ranked over
-every pair of heads and tokens without forming the token x token table, `circuits.paths`): the way
-a rule that needs *both* words (a negation, an exclusive or) shows up. Units: logit difference.
+**interact** inside a bilinear MLP: `2 x_s^T Q(u) x_t` for tokens brought by two routes -- a head
+(`L1H2`), or a head and then an earlier MLP that turned the token into a feature at the query
+(`L0H1>MLP0`: MLP 0's output with the token minus without) -- ranked over every pair of routes and
+tokens without forming the token x token table (`circuits.paths`): the way a rule that needs *both*
+words (a negation, an exclusive or) shows up. Units: logit difference.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import Tensor
 from .directions import logit_diff_direction, unembed_direction
 from .attention import ov_matrices
 from .interaction import augment_input
-from .mlp import check_bilinear, interaction_matrix
+from .mlp import check_bilinear, interaction_matrix, mlp_weights
 from .paths import top_pair_entries
 from .readout import Live, token_label
 from .token_view import TokenView, token_view
@@ -49,7 +51,7 @@ TokenSet = Union[int, str, Sequence[Union[int, str]]]
 class PairEvidence:
     """Two context tokens interacting inside the MLP of `layer`: `value` is what the pair adds to the
     target beyond what each adds alone (`2 x_s^T Q x_t`), with each token's route (the head that
-    brings it)."""
+    brings it, or "L0H1>MLP0": a head and then an earlier MLP)."""
 
     value: float
     token_s: str
@@ -203,15 +205,25 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
             Rq = Q[:d_model, :d_model] @ R.T  # [d_model, n]
             routes[f"MLP{l} query x L{hl}H{h}"] = 2 * (R @ Qxq[:d_model]) / final
             routes[f"MLP{l} L{hl}H{h} x itself"] = (R * Rq.T).sum(-1) / final
-        keys = [(hl, h) for (hl, h) in head_vectors if hl <= l]
+        # Routes into this MLP: each head of layers <= l bringing a token, and each earlier MLP
+        # turning a token brought by a head of its own layer or below into a feature (a chain).
+        carried = {f"L{hl}H{h}": V / scale for (hl, h), V in head_vectors.items() if hl <= l}
+        for lm in range(l):
+            w_m = mlp_weights(model, lm)
+            x_m = (view.resid[lm][qi] / view.ln2_scale[lm][qi]).to(w_m.W_gate.dtype)
+            base = w_m.forward(x_m[None])  # [1, d_model]
+            for (hl, h), V in head_vectors.items():
+                if hl <= lm:
+                    moved = (x_m + (V / view.ln2_scale[lm][qi]).to(x_m.dtype))
+                    carried[f"L{hl}H{h}>MLP{lm}"] = ((w_m.forward(moved) - base) / scale).to(dtype)
+        names = list(carried)
         Q_tok = Q[:d_model, :d_model]
-        for i, (l1, h1) in enumerate(keys):
-            for l2, h2 in keys[i:]:
-                same = (l1, h1) == (l2, h2)
-                top = top_pair_entries(head_vectors[l1, h1] / scale, head_vectors[l2, h2] / scale, Q=Q_tok,
-                                       k=n_pairs + (0 if same else 1), same=same, diagonal=False,
-                                       multiplicity=2.0, sign=1)
-                first_order += [(v / float(final), s, t, l, f"L{l1}H{h1}", f"L{l2}H{h2}") for v, s, t in
+        for i, a in enumerate(names):
+            for b in names[i:]:
+                same = a == b
+                top = top_pair_entries(carried[a], carried[b], Q=Q_tok, k=n_pairs + (0 if same else 1), same=same,
+                                       diagonal=False, multiplicity=2.0, sign=1)
+                first_order += [(v / float(final), s, t, l, a, b) for v, s, t in
                                 zip(top.values.tolist(), top.rows.tolist(), top.cols.tolist()) if s != t]
     n = view.ids.numel()
     # The whole effect of each token (every layer and chain), in the virtual context.
