@@ -17,8 +17,9 @@ position in a virtual context of the query, the token and typical filler, minus 
 the token (`circuits.virtual_context`: every layer, every chain -- a layer-0 head feeding MLP 0
 feeding MLP 1 -- computed from the weights). It is split into first-order **routes**: straight into
 the final residual through each head (the OV path), and through each MLP where the token meets the
-query's own residual and itself (`2 x_b^T Q x_q + x_b^T Q x_b`); "chains" holds the rest (effects
-that pass through more than one layer, and the norms' rescaling). Two tokens together also
+query's own residual and itself (`2 x_b^T Q x_q + x_b^T Q x_b`); "chains and norms" holds the rest
+(effects that pass through more than one layer, and the norms' rescaling). Which head *carries* a
+token is measured the same exact way: the evidence lost when that head cannot attend to it. Two tokens together also
 **interact** inside a bilinear MLP: `2 x_s^T Q(u) x_t` for tokens brought by two routes -- a head
 (`L1H2`), or a head and then an earlier MLP that turned the token into a feature at the query
 (`L0H1>MLP0`: MLP 0's output with the token minus without) -- ranked over every pair of routes and
@@ -80,6 +81,14 @@ class TokenEvidence:
     routes: dict[str, Tensor] = field(default_factory=dict)
     attention: dict[str, Tensor] = field(default_factory=dict)
     pairs: list[PairEvidence] = field(default_factory=list)
+    carriers: dict[str, Tensor] = field(default_factory=dict)  # head -> [n]: evidence lost when it cannot see the token
+
+    def carrier(self, token: str) -> tuple[str, float]:
+        """The head that carries most of a token's evidence (all its routes and chains), and how
+        much of it is lost when that head cannot attend to the token."""
+        i = self.labels.index(token)
+        name = max(self.carriers, key=lambda h: float(self.carriers[h][i]) * (1 if self.total[i] >= 0 else -1))
+        return name, float(self.carriers[name][i])
 
     def top_tokens(self, k: int = 10, sign: int = 1) -> list[tuple[str, float]]:
         """The k tokens with the largest (sign=+1) or most negative (sign=-1) evidence."""
@@ -96,10 +105,12 @@ class TokenEvidence:
     def to_markdown(self, n: int = 8) -> str:
         """Tables of the top tokens (with their main routes) and the top pairs."""
         lines = [f"Query (the token the prediction follows): `{self.query!r}`.", "",
-                 "| token | evidence | main routes |", "|---|---|---|"]
+                 "| token | evidence | carried by (evidence lost without it) | main first-order routes |",
+                 "|---|---|---|---|"]
         for tok, value in self.top_tokens(n):
             routes = ", ".join(f"{name} {v:+.2f}" for name, v in self.breakdown(tok))
-            lines.append(f"| `{tok!r}` | {value:+.3f} | {routes} |")
+            head, lost = self.carrier(tok) if self.carriers else ("", 0.0)
+            lines.append(f"| `{tok!r}` | {value:+.3f} | {head} ({lost:+.2f}) | {routes} |")
         if self.pairs:
             lines += ["", "| pair | interaction | inside |", "|---|---|---|"]
             for p in self.pairs[:n]:
@@ -230,8 +241,14 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     alone = virtual_readout(model, view, qi, torch.arange(-1, n, device=view.ids.device)[:, None], u,
                             competitors, offsets)
     empty, single = alone[0], alone[1:] - alone[0]
-    routes["chains and the rest"] = single - torch.stack(list(routes.values())).sum(0)
+    routes["chains and norms"] = single - torch.stack(list(routes.values())).sum(0)
     total = single
+    carriers = {}
+    for l in range(L):  # what each head carries: the evidence lost when it cannot attend to the token
+        for h in range(H):
+            blind = virtual_readout(model, view, qi, torch.arange(n, device=view.ids.device)[:, None], u,
+                                    competitors, offsets, blocked=(l, h))
+            carriers[f"L{l}H{h}"] = single - (blind - empty)
     # Interactions: the bilinear pair terms, strongest first (each pair once, through its best heads).
     first_order.sort(key=lambda f: -f[0])
     pairs: list[PairEvidence] = []
@@ -247,4 +264,4 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
             break
     labels = [token_label(model, int(t)) for t in view.ids]
     return TokenEvidence(target=label, query=labels[qi], query_id=int(view.ids[qi]), ids=view.ids, labels=labels,
-                         total=total, routes=routes, attention=attention, pairs=pairs)
+                         total=total, routes=routes, attention=attention, pairs=pairs, carriers=carriers)

@@ -167,23 +167,22 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
     if read_at == cfg.n_layers and not isinstance(target, Tensor):
         ev = token_evidence(model, target)
         top_tok, top_val = ev.top_tokens(1)[0]
-        route = ev.breakdown(top_tok, 1)[0][0]
-        head = route.split()[-1]
-        where = ""
-        if head in ev.attention:
-            p = ev.attention[head]
-            rank = int((p > p[ev.labels.index(top_tok)]).sum()) + 1
-            where = (f" {head} attends from the query {ev.query!r} to {top_tok!r} with expected attention "
-                     f"{float(p[ev.labels.index(top_tok)]):.2f} (rank {rank} of {p.numel()} keys).")
+        head, lost = ev.carrier(top_tok)
+        p = ev.attention[head]
+        i = ev.labels.index(top_tok)
+        rank = int((p > p[i]).sum()) + 1
         md += ["## What the weights say", "",
-               f"**{top_tok!r} drives the target most** (evidence {top_val:+.2f} logits), mainly through {route}.{where}",
+               f"**{top_tok!r} drives the target most** (evidence {top_val:+.2f} logits). It is carried by "
+               f"**{head}** ({lost:+.2f} of it is lost when {head} cannot attend to it), which attends from the query "
+               f"{ev.query!r} to {top_tok!r} with expected attention {float(p[i]):.2f} (rank {rank} of {p.numel()} keys).",
                "",
-               "Evidence of a context token: what its presence adds to the target, summed over the routes it "
-               "can take -- each head attending to it from the query (with the attention it would get against "
-               "one typical competitor, from the QK weights) straight into the logits, and each later MLP where "
-               "it meets the query's own residual and itself. Pairs: what two tokens add *together* inside an "
-               "MLP beyond what each adds alone (the bilinear interaction). Units: logit difference, from the "
-               "weights and the model reading one token at a time; see `circuits.evidence`.", "",
+               "Evidence of a context token: what its presence adds to the target at the query, with every layer "
+               "computed from the weights in a virtual context (the query, the token, one typical competitor; "
+               "each head attends with the weight its QK circuit gives). *Carried by*: the head whose blindness "
+               "to the token loses most of that evidence. First-order routes: each head straight into the logits, "
+               "and each MLP where the token meets the query's own residual and itself; 'chains and norms' is the "
+               "rest. Pairs: what two tokens add *together* inside an MLP beyond what each adds alone (the "
+               "bilinear interaction). Units: logit difference; see `circuits.evidence`.", "",
                ev.to_markdown(n=n_tokens), ""]
 
     md += ["## Eigenvalue spectra and top features", ""]

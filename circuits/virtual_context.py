@@ -24,7 +24,7 @@ evidence is `virtual_readout(with b) - virtual_readout(without)`, and the intera
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -47,20 +47,22 @@ def _rotate(model: Any, layer: int, t: Tensor, position: int) -> Tensor:
 
 @torch.no_grad()
 def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
-                    competitors: float = 1.0, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048) -> Tensor:
+                    competitors: float = 1.0, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048,
+                    blocked: Optional[tuple[int, int]] = None) -> Tensor:
     """`u . ln_final(resid)` at the query, for each row of virtual key tokens: [m].
 
     query: index into `view.ids`; keys: [m, k] indices into `view.ids` (-1: no token in that slot);
-    u: [d_model] (a direction that includes the final norm's gain, e.g. `unembed_direction`)."""
+    u: [d_model] (a direction that includes the final norm's gain, e.g. `unembed_direction`);
+    blocked: (layer, head) that may not attend to the key tokens (what that head carries)."""
     if keys.ndim != 2:
         raise ValueError(f"keys must be [m, k] indices into the live tokens (-1 for none), got {tuple(keys.shape)}")
-    out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets)
+    out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets, blocked)
            for s in range(0, keys.shape[0], chunk)]
     return torch.cat(out) if out else u.new_zeros(0)
 
 
 def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float,
-                   offsets: Sequence[int]) -> Tensor:
+                   offsets: Sequence[int], blocked: Optional[tuple[int, int]] = None) -> Tensor:
     cfg = model.cfg
     m, n_keys = keys.shape
     dtype = view.resid[0].dtype
@@ -99,6 +101,8 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
         # The key tokens of each row.
         s_keys = logits.gather(-1, safe[:, None, :].expand(m, logits.shape[1], n_keys))  # [m, H, k]
         w_keys = (s_keys - shift[..., None]).exp() * present[:, None, :]
+        if blocked is not None and blocked[0] == l:
+            w_keys[:, blocked[1]] = 0.0
         w_self = (s_self - shift).exp()
         total = w_self + typical_mass + w_keys.sum(-1)
         v_keys = v_all[safe]  # [m, k, H, dh]
