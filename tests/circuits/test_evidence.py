@@ -42,7 +42,10 @@ def test_evidence_routes_add_up_and_pairs_are_bilinear_terms(tiny_model):
         del tiny_model.token_counts
     assert e.ids.tolist() == list(range(2, 40)) and e.total.shape == (38,)
     assert torch.allclose(torch.stack(list(e.routes.values())).sum(0), e.total, atol=1e-5)
-    assert "chains and the rest" in e.routes and any(k.startswith("MLP1 query x") for k in e.routes)
+    assert "chains and norms" in e.routes and any(k.startswith("MLP1 query x") for k in e.routes)
+    assert set(e.carriers) == {f"L{l}H{h}" for l in range(2) for h in range(4)}
+    head, lost = e.carrier(e.top_tokens(1)[0][0])
+    assert head in e.carriers and lost == float(e.carriers[head][e.labels.index(e.top_tokens(1)[0][0])])
     assert len(e.pairs) == 4 and e.pairs[0].value >= e.pairs[-1].value
     assert all(p.token_s != p.token_t and 2 <= int(p.token_s) < 40 for p in e.pairs)
     assert "| pair | interaction |" in e.to_markdown()
