@@ -42,8 +42,8 @@ from typing import Any, Optional
 
 from training.beta_schedule import BetaSchedule
 from training.interrupt import TrainingInterrupted
-from training.run_config import RunConfigError, read_config
-from training.run_folder import apply_changes, prepare_run_folder, require_checkpoint, resume_changes, saved_config
+from training.run_config import RunConfigError
+from training.run_folder import prepare_run_folder, resolve_resume
 
 from training.finetune_config import (  # noqa: F401  (re-exported: the CLI's configuration API)
     CONFIG_NAME,
@@ -137,24 +137,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace, num_processes: int) -> tuple[FinetuneConfig, Path, dict]:
     """The validated config, the run directory and (on --resume) the accepted changes to the saved
-    config (``training.run_folder``: contradicting settings are refused). Only reads files."""
-    overrides = list(args.overrides) + ([f"run.out_dir={args.out}"] if args.out else [])
-    if not args.resume:
-        if args.config is None:
-            raise RunConfigError("--config is required (or --resume --out RUN to continue a run)")
-        ft = load_finetune_config(args.config, overrides, num_processes=num_processes)
-        return ft, Path(ft.run.out_dir), {}
-    if args.out is None and args.config is None:
-        raise RunConfigError("--resume needs the run folder: --resume --out RUN")
-    run_dir = Path(args.out) if args.out else Path(build_finetune_config(read_config(args.config, overrides)).run.out_dir)
-    saved = build_finetune_config(saved_config(run_dir, CONFIG_NAME, "finetune"))
-    requested = build_finetune_config(read_config(args.config or run_dir / CONFIG_NAME, overrides))
-    requested.run.out_dir = str(run_dir)
-    changes = resume_changes(saved.to_dict(), requested.to_dict())
-    ft = build_finetune_config(apply_changes(saved.to_dict(), {**changes, "run.out_dir": [None, str(run_dir)]}))
-    validate_finetune(ft, num_processes)
-    require_checkpoint(run_dir, "finetune")
-    return ft, run_dir, changes
+    config (``training.run_folder.resolve_resume``: contradicting settings are refused)."""
+    return resolve_resume(args, num_processes, command="finetune", config_name=CONFIG_NAME,
+                          load=load_finetune_config, build=build_finetune_config, validate=validate_finetune)
 
 
 def get_data(ft: FinetuneConfig, tokenizer: Any, seq_len: int, accelerator: Any) -> tuple[Any, Any]:

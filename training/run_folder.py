@@ -159,6 +159,35 @@ def saved_config(run_dir: str | Path, name: str, command: str) -> dict:
     return raw
 
 
+def resolve_resume(args: Any, num_processes: int, *, command: str, config_name: str, load: Any, build: Any,
+                   validate: Any, comparable: Any = None) -> tuple[Any, Path, dict]:
+    """The validated config, the run directory and (on --resume) the accepted changes to the saved
+    config, shared by ``train`` and ``finetune``. load(path, overrides, num_processes) reads and
+    validates a new run's config; build(dict) makes a config object; validate(config, num_processes)
+    checks it; comparable(config) -> dict is what a resume is compared on (default: ``to_dict()``).
+    Only reads files; raises RunConfigError (RunFolderError for run-folder problems)."""
+    from training.run_config import read_config
+
+    comparable = comparable or (lambda config: config.to_dict())
+    overrides = list(args.overrides) + ([f"run.out_dir={args.out}"] if args.out else [])
+    if not args.resume:
+        if args.config is None:
+            raise RunConfigError("--config is required (or --resume --out RUN to continue a run)")
+        config = load(args.config, overrides, num_processes=num_processes)
+        return config, Path(config.run.out_dir), {}
+    if args.out is None and args.config is None:
+        raise RunConfigError("--resume needs the run folder: --resume --out RUN")
+    run_dir = Path(args.out) if args.out else Path(build(read_config(args.config, overrides)).run.out_dir)
+    saved = build(saved_config(run_dir, config_name, command))
+    requested = build(read_config(args.config or run_dir / config_name, overrides))
+    requested.run.out_dir = str(run_dir)
+    changes = resume_changes(comparable(saved), comparable(requested))
+    config = build(apply_changes(saved.to_dict(), {**changes, "run.out_dir": [None, str(run_dir)]}))
+    validate(config, num_processes)
+    require_checkpoint(run_dir, command)
+    return config, run_dir, changes
+
+
 def require_checkpoint(run_dir: str | Path, command: str) -> Path:
     """The newest checkpoint, or ``RunFolderError`` saying there is none to resume from."""
     from training.checkpoint import latest_checkpoint

@@ -30,16 +30,8 @@ from typing import Any, Optional
 
 from training.accel import LaunchError
 from training.interrupt import TrainingInterrupted
-from training.run_config import RunConfig, RunConfigError, build_run_config, load_run_config, read_config, validate
-from training.run_folder import (
-    RunFolderError,
-    apply_changes,
-    checkpoint_step,
-    prepare_run_folder,
-    require_checkpoint,
-    resume_changes,
-    saved_config,
-)
+from training.run_config import RunConfig, RunConfigError, build_run_config, load_run_config, validate
+from training.run_folder import RunFolderError, checkpoint_step, prepare_run_folder, resolve_resume
 
 RUN_CONFIG_NAME = "run_config.yaml"
 
@@ -72,24 +64,9 @@ def _complete(run: RunConfig) -> dict:
 
 def resolve_config(args: argparse.Namespace, num_processes: int) -> tuple[RunConfig, Path, dict]:
     """The validated run config, the run directory and (on --resume) the accepted changes to the
-    saved config. Only reads files; raises RunConfigError (RunFolderError for run-folder problems)."""
-    overrides = list(args.overrides) + ([f"run.out_dir={args.out}"] if args.out else [])
-    if not args.resume:
-        if args.config is None:
-            raise RunConfigError("--config is required (or --resume --out RUN to continue a run)")
-        run = load_run_config(args.config, overrides, num_processes=num_processes)
-        return run, Path(run.run.out_dir), {}
-    if args.out is None and args.config is None:
-        raise RunConfigError("--resume needs the run folder: --resume --out RUN")
-    run_dir = Path(args.out) if args.out else Path(build_run_config(read_config(args.config, overrides)).run.out_dir)
-    saved = build_run_config(saved_config(run_dir, RUN_CONFIG_NAME, "train"))
-    requested = build_run_config(read_config(args.config or run_dir / RUN_CONFIG_NAME, overrides))
-    requested.run.out_dir = str(run_dir)
-    changes = resume_changes(_complete(saved), _complete(requested))
-    run = build_run_config(apply_changes(saved.to_dict(), {**changes, "run.out_dir": [None, str(run_dir)]}))
-    validate(run, num_processes)
-    require_checkpoint(run_dir, "train")
-    return run, run_dir, changes
+    saved config (``training.run_folder.resolve_resume``)."""
+    return resolve_resume(args, num_processes, command="train", config_name=RUN_CONFIG_NAME, load=load_run_config,
+                          build=build_run_config, validate=validate, comparable=_complete)
 
 
 # --- data and tokenizer -------------------------------------------------------------------------
