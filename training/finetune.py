@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from training.beta_schedule import BetaSchedule
-from training.interrupt import TrainingInterrupted
+from training.interrupt import TrainingInterrupted, report_stop
 from training.run_config import RunConfigError
 from training.run_folder import prepare_run_folder, resolve_resume
 
@@ -299,8 +299,8 @@ def _finish(model: Any, run_dir: Path, tokens: Any, log: Any, ft: FinetuneConfig
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from training.loop import distributed_state
-    from training.train import interrupted_message
 
+    run_dir = None  # named in the message of a run stopped by a signal
     try:
         state = distributed_state()
         ft, run_dir, changes = resolve_config(args, state.num_processes)
@@ -311,15 +311,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             kind = "config error: " if type(err) is RunConfigError else ""
             print(f"hooked-bilinear finetune: {kind}{err}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(interrupted_message("finetune", stop, run_dir), file=sys.stderr)
-        return stop.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (data preparation, final save): no traceback
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("\nhooked-bilinear finetune: interrupted outside the training steps; complete checkpoints (if any) "
-                  "are kept", file=sys.stderr)
-        return 130
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        return report_stop("finetune", stop, run_dir)
     return 0
 
 

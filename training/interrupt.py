@@ -87,3 +87,30 @@ class StopSignals:
         if self.requested is not None:
             accelerator.set_trigger()
         return accelerator.check_trigger()
+
+
+def resume_command(command: str, run_dir: Any) -> str:
+    """The command that continues ``run_dir`` (the launcher's own line when under ``accelerate launch``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ:
+        return f"accelerate launch <same options> -m hooked_bilinear.cli {command} --resume --out {run_dir}"
+    return f"hooked-bilinear {command} --resume --out {run_dir}"
+
+
+def interrupted_message(command: str, stop: "TrainingInterrupted", run_dir: Any) -> str:
+    return (f"hooked-bilinear {command}: stopped by {signal.Signals(stop.signum).name} at step {stop.step}; "
+            f"checkpoint {stop.checkpoint}. Resume with: {resume_command(command, run_dir)}")
+
+
+def report_stop(command: str, stop: BaseException, run_dir: Any) -> int:
+    """One line on the main process for a run that a signal stopped, and the exit code: the
+    signal's (130/143) after a checkpoint, 130 for Ctrl-C outside the training steps."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if isinstance(stop, TrainingInterrupted):
+        if main_process:
+            print(interrupted_message(command, stop, run_dir), file=sys.stderr)
+        return stop.exit_code
+    if main_process:  # KeyboardInterrupt during data preparation or the final save: no traceback
+        print(f"\nhooked-bilinear {command}: interrupted outside the training steps; complete checkpoints "
+              "(if any) are kept", file=sys.stderr)
+    return 130
+

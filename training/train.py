@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from training.accel import LaunchError
-from training.interrupt import TrainingInterrupted
+from training.interrupt import TrainingInterrupted, report_stop
 from training.run_config import RunConfig, RunConfigError, build_run_config, load_run_config, validate
 from training.run_folder import RunFolderError, checkpoint_step, prepare_run_folder, resolve_resume
 
@@ -222,24 +222,11 @@ def finished_message(run: RunConfig, run_dir: Path) -> Optional[str]:
             f"nothing to do. To train it longer: hooked-bilinear train --resume --out {run_dir} train.max_steps=N")
 
 
-def resume_command(command: str, run_dir: Path) -> str:
-    """The command that continues ``run_dir`` (the launcher's own line when under ``accelerate launch``)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ:
-        return f"accelerate launch <same options> -m hooked_bilinear.cli {command} --resume --out {run_dir}"
-    return f"hooked-bilinear {command} --resume --out {run_dir}"
-
-
-def interrupted_message(command: str, stop: TrainingInterrupted, run_dir: Path) -> str:
-    import signal
-
-    return (f"hooked-bilinear {command}: stopped by {signal.Signals(stop.signum).name} at step {stop.step}; "
-            f"checkpoint {stop.checkpoint}. Resume with: {resume_command(command, run_dir)}")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from training.loop import distributed_state
 
+    run_dir = None  # named in the message of a run stopped by a signal
     try:
         state = distributed_state()
         run, run_dir, changes = resolve_config(args, state.num_processes)
@@ -252,15 +239,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             kind = "" if isinstance(err, (RunFolderError, LaunchError)) else "config error: "
             print(f"hooked-bilinear train: {kind}{err}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(interrupted_message("train", stop, run_dir), file=sys.stderr)
-        return stop.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (data preparation, final save): no traceback
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("\nhooked-bilinear train: interrupted outside the training steps; complete checkpoints (if any) "
-                  "are kept", file=sys.stderr)
-        return 130
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        return report_stop("train", stop, run_dir)
     return 0
 
 
