@@ -21,14 +21,14 @@ WORDS = (
 ).split()
 
 
-@pytest.fixture(scope="session")
-def word_tokenizer():
-    """A word-level Hugging Face tokenizer over a few story words, built in memory."""
+def make_word_tokenizer(words):
+    """A word-level Hugging Face tokenizer over `words` (ids in order; "<|endoftext|>" and "[UNK]" added
+    first when missing), built in memory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<|endoftext|>": 0, "[UNK]": 1}
-    for word in WORDS:
+    for word in words:
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -37,6 +37,12 @@ def word_tokenizer():
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
         pad_token="<|endoftext|>", unk_token="[UNK]",
     )
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A word-level tokenizer over a few story words."""
+    return make_word_tokenizer(WORDS)
 
 
 def tiny_config(**overrides) -> HookedBilinearConfig:

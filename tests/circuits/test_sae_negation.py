@@ -17,6 +17,8 @@ from circuits.sae_features import (check_output_features, eigen_correlation, top
 from circuits.sae_training import train_sae  # noqa: E402
 from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer  # noqa: E402
 
+from ..conftest import make_word_tokenizer
+
 FEELINGS = {"happy": (("smiled", "laughed"), ("cried", "frowned")),
             "tired": (("yawned", "slept"), ("jumped", "danced")),
             "scared": (("hid", "shook"), ("waved", "clapped"))}
@@ -27,14 +29,7 @@ T = 16
 
 
 def word_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="[UNK]")
+    return make_word_tokenizer(VOCAB)
 
 
 def batch(g: torch.Generator, b: int) -> torch.Tensor:

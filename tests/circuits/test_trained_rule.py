@@ -14,6 +14,8 @@ from circuits.find import find_circuit
 from circuits.readout import direct_token_table
 from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer
 
+from ..conftest import make_word_tokenizer
+
 OBJECT_VERBS = {"ball": "kicked", "book": "read", "cake": "ate", "kite": "flew", "drum": "banged", "doll": "hugged"}
 FILLERS = "the a and then she he was big red park day".split()
 LINK = "it"  # in the two-step rule, "<object> it <verb>": the verb is predicted at "it"
@@ -21,14 +23,7 @@ VOCAB = ["<|endoftext|>", "[UNK]", *OBJECT_VERBS, *OBJECT_VERBS.values(), *FILLE
 
 
 def word_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="[UNK]")
+    return make_word_tokenizer(VOCAB)
 
 
 OBJ = torch.tensor([VOCAB.index(o) for o in OBJECT_VERBS])
