@@ -292,7 +292,7 @@ def _node(model: Any, c: _Candidate, node_id: str, parent_dir: Tensor, importanc
         label = f"L{c.layer}H{c.head} OV"
         reads = view.normalized(c.layer).to(c.direction.dtype) @ (c.direction * c.score)
         p = ctx.attention(c.layer, c.head, True)
-        weighted = reads * p if ctx.query is not None else reads
+        weighted = reads * p  # p is all ones without a query
         top = weighted.topk(min(n_tokens, weighted.numel()))
         fields.update(tokens_positive=[(token_label(model, int(view.ids[i])), float(weighted[i])) for i in top.indices],
                       readout="tokens it brings" + (f" from {token_label(model, int(view.ids[ctx.query]))!r}" if ctx.query is not None else ""))

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .attention import ov_matrices
 from .eigen import Eigen
-from .mlp import check_direction, check_layer, eigendecompose, mlp_weights
+from .mlp import check_direction, check_layer, eigendecompose, interaction_matrix, mlp_weights
 from .paths import pair_terms, top_pair_entries
 from .readout import live_token_ids, normalized_embeddings, token_label
 
@@ -201,8 +201,7 @@ def mlp_path_terms(model: Any, cache: Any, layer: int, u: Tensor) -> PathTerms:
         parts = parts - parts.mean(-1, keepdim=True)
     if kind is not None:
         parts = parts / cache[f"blocks.{layer}.ln2.hook_scale"][None]
-    w = mlp_weights(model, layer)
-    Q = _interaction_matrix(w, u).to(torch.float64)
+    Q = interaction_matrix(model, layer, u).to(torch.float64)
     if Q.shape[-1] == model.cfg.d_model + 1:  # biased MLP: the constant 1 is one more path
         parts = torch.cat([parts, parts.new_zeros(*parts.shape[:-1], 1)], -1)
         one = parts.new_zeros(1, *parts.shape[1:])
@@ -212,9 +211,4 @@ def mlp_path_terms(model: Any, cache: Any, layer: int, u: Tensor) -> PathTerms:
     readout = cache[f"blocks.{layer}.hook_mlp_out"].to(torch.float64) @ u.to(torch.float64)
     return PathTerms(terms, list(labels), readout)
 
-
-def _interaction_matrix(w: Any, u: Tensor) -> Tensor:
-    from .interaction import interaction_matrix_from_weights
-
-    return interaction_matrix_from_weights(w.W_gate, w.W_in, w.W_out, u.to(w.W_gate.dtype), **w.biases)
 

@@ -41,6 +41,8 @@ def test_evidence_routes_add_up_and_pairs_are_bilinear_terms(tiny_model):
     finally:
         del tiny_model.token_counts
     assert e.ids.tolist() == list(range(2, 40)) and e.total.shape == (38,)
+    # the routes include their remainder ("chains and norms"), so they add up to the total by
+    # construction; test_evidence_total_is_the_model_on_two_tokens checks the total itself
     assert torch.allclose(torch.stack(list(e.routes.values())).sum(0), e.total, atol=1e-5)
     assert "chains and norms" in e.routes and any(k.startswith("MLP1 query x") for k in e.routes)
     assert set(e.carriers) == {f"L{l}H{h}" for l in range(2) for h in range(4)}
@@ -49,3 +51,17 @@ def test_evidence_routes_add_up_and_pairs_are_bilinear_terms(tiny_model):
     assert len(e.pairs) == 4 and e.pairs[0].value >= e.pairs[-1].value
     assert all(p.token_s != p.token_t and 2 <= int(p.token_s) < 40 for p in e.pairs)
     assert "| pair | interaction |" in e.to_markdown()
+
+
+def test_evidence_total_is_the_model_on_two_tokens(tiny_model):
+    """With offsets=(1,) and no competitors, a token's evidence is exactly what it changes in the
+    model's own readout: the model on [b, query] minus the model on [query]."""
+    e = token_evidence(tiny_model, (5, [6, 7]), query=11, live="all", competitors=0.0, offsets=(1,), n_pairs=0)
+    u = logit_diff_direction(tiny_model, 5, [6, 7])
+    _, alone = tiny_model.run_with_cache(torch.tensor([[11]]))
+    base = alone["ln_final.hook_normalized"][0, -1] @ u
+    for b in (3, 20, 40):
+        _, cache = tiny_model.run_with_cache(torch.tensor([[b, 11]]))
+        truth = cache["ln_final.hook_normalized"][0, -1] @ u - base
+        assert float(e.total[e.ids.tolist().index(b)]) == pytest.approx(float(truth), rel=1e-4, abs=1e-5)
+
