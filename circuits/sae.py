@@ -323,6 +323,14 @@ def _feature_ids(features: Optional[Union[Sequence[int], Tensor]], d_sae: int) -
     return ids
 
 
+def _load_for(model: Any, sae: SAELike, hook_name: Optional[str]) -> SAEWeights:
+    """`load_sae`, refusing an SAE whose width is not the model's d_model."""
+    w = load_sae(sae, hook_name)
+    if w.d_in != model.cfg.d_model:
+        raise ValueError(f"the SAE reads d_in={w.d_in} but the model has d_model={model.cfg.d_model}")
+    return w
+
+
 def output_features(model: Any, sae: SAELike, features: Optional[Sequence[int]] = None,
                     hook_name: Optional[str] = None) -> OutputFeatures:
     """An SAE on the MLP's output as a batch of output directions of that MLP (see `OutputFeatures`).
@@ -331,9 +339,7 @@ def output_features(model: Any, sae: SAELike, features: Optional[Sequence[int]] 
     `blocks.{l}.hook_resid_post` and `blocks.{l+1}.hook_resid_pre` (the MLP part is; the rest is
     `u . blocks.{l}.hook_resid_mid`). features: which SAE features (default all).
     """
-    w = load_sae(sae, hook_name)
-    if w.d_in != model.cfg.d_model:
-        raise ValueError(f"the SAE reads d_in={w.d_in} but the model has d_model={model.cfg.d_model}")
+    w = _load_for(model, sae, hook_name)
     m = re.fullmatch(r"blocks\.(\d+)\.(hook_mlp_out|hook_resid_post|hook_resid_pre)", w.hook_name)
     if m is None:
         raise ValueError(f"an output SAE must read blocks.L.hook_mlp_out (or the residual right after the MLP); "
@@ -382,9 +388,7 @@ def input_basis(model: Any, sae: SAELike, features: Optional[Sequence[int]] = No
     the gain, rows are divided by the gain and LN's bias removed), `blocks.{l}.hook_resid_mid` and
     `blocks.{l}.hook_mlp_in` (rows centred for LN; the norm's per-position scale stays a factor).
     """
-    w = load_sae(sae, hook_name)
-    if w.d_in != model.cfg.d_model:
-        raise ValueError(f"the SAE reads d_in={w.d_in} but the model has d_model={model.cfg.d_model}")
+    w = _load_for(model, sae, hook_name)
     m = re.fullmatch(r"blocks\.(\d+)\.(ln2\.hook_normalized|hook_resid_mid|hook_mlp_in)", w.hook_name)
     if m is None:
         raise ValueError(f"an input SAE must read the MLP's input, blocks.L.ln2.hook_normalized or "
