@@ -72,7 +72,7 @@ def activation_metric(model) -> list[float]:
     U = [circuits.logit_diff_direction(model, v, [x for x in verbs if x != v]) for v in verbs]
     U += [circuits.logit_diff_direction(model, [w(x) for x in f.negative], [w(x) for x in f.positive]) for f in FEELINGS.values()]
     U += [circuits.logit_diff_direction(model, w("she"), w("he"))]
-    U += [circuits.logit_diff_direction(model, w("swam"), w("drew"))]
+    U += [circuits.logit_diff_direction(model, *[w(a) for a in sorted(set(CONJUNCTION_ANSWERS.values()))])]
     U = torch.stack(U)
     tokens, mask = held_out_tokens(model)
     return [float(c) for l in range(model.cfg.n_layers)

@@ -25,6 +25,16 @@ token is measured the same exact way: the evidence lost when that head cannot at
 (`L0H1>MLP0`: MLP 0's output with the token minus without) -- ranked over every pair of routes and
 tokens without forming the token x token table (`circuits.paths`): the way a rule that needs *both*
 words (a negation, an exclusive or) shows up. Units: logit difference.
+
+A virtual context can hold any token, including ones the model never sees before the query (' mom'
+right before ' night'); their evidence is what the model *would* do, not a circuit it uses. So every
+token also gets a **plausibility** from the model's own view of text
+(`TokenView.context_presence`: the chance it sits at one of `offsets` before the query, under the
+model's one-token Markov chain), squashed to `c / (c + 1/n)` for n live tokens: near 1 for any token
+more likely there than a random live token, near 0 for tokens that cannot be there. Tokens are
+ranked by evidence x plausibility and pairs by interaction x both plausibilities ("what they
+plausibly contribute"); the raw values stay in `total` and `PairEvidence.value`
+(`context_prior=False` ranks by the raw values).
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ class PairEvidence:
     token_t: str
     route_t: str
     layer: int
+    score: float = float("nan")  # value x both tokens' plausibility: what pairs are ranked by
 
     @property
     def tokens(self) -> frozenset:
@@ -82,6 +93,7 @@ class TokenEvidence:
     attention: dict[str, Tensor] = field(default_factory=dict)
     pairs: list[PairEvidence] = field(default_factory=list)
     carriers: dict[str, Tensor] = field(default_factory=dict)  # head -> [n]: evidence lost when it cannot see the token
+    plausibility: Optional[Tensor] = None  # [n], in (0, 1]
 
     def carrier(self, token: str) -> tuple[str, float]:
         """The head that carries most of a token's evidence (all its routes and chains), and how
@@ -90,11 +102,17 @@ class TokenEvidence:
         name = max(self.carriers, key=lambda h: float(self.carriers[h][i]) * (1 if self.total[i] >= 0 else -1))
         return name, float(self.carriers[name][i])
 
-    def top_tokens(self, k: int = 10, sign: int = 1) -> list[tuple[str, float]]:
-        """The k tokens with the largest (sign=+1) or most negative (sign=-1) evidence."""
+    def top_tokens(self, k: int = 10, sign: int = 1, plausible: bool = True) -> list[tuple[str, float]]:
+        """The k tokens with the largest (sign=+1) or most negative (sign=-1) evidence, ranked by
+        evidence x plausibility (plausible=False: by evidence alone); returns raw evidence."""
         values = self.total * (1 if sign >= 0 else -1)
+        if plausible and self.plausibility is not None:
+            values = values * self.plausibility
         top = values.topk(min(k, values.numel()))
         return [(self.labels[int(i)], float(self.total[int(i)])) for i in top.indices]
+
+    def _plausibility(self, token: str) -> float:
+        return 1.0 if self.plausibility is None else float(self.plausibility[self.labels.index(token)])
 
     def breakdown(self, token: str, k: int = 3) -> list[tuple[str, float]]:
         """The k routes that carry most of one token's evidence."""
@@ -105,17 +123,20 @@ class TokenEvidence:
     def to_markdown(self, n: int = 8) -> str:
         """Tables of the top tokens (with their main routes) and the top pairs."""
         lines = [f"Query (the token the prediction follows): `{self.query!r}`.", "",
-                 "| token | evidence | carried by (evidence lost without it) | main first-order routes |",
-                 "|---|---|---|---|"]
+                 "Plausibility: how likely the token is among the tokens before the query, in the model's own "
+                 "one-token view of text (1: as likely as a random token or more; tokens are ranked by "
+                 "evidence x plausibility).", "",
+                 "| token | evidence | plausibility | carried by (evidence lost without it) | main first-order routes |",
+                 "|---|---|---|---|---|"]
         for tok, value in self.top_tokens(n):
             routes = ", ".join(f"{name} {v:+.2f}" for name, v in self.breakdown(tok))
             head, lost = self.carrier(tok) if self.carriers else ("", 0.0)
-            lines.append(f"| `{tok!r}` | {value:+.3f} | {head} ({lost:+.2f}) | {routes} |")
+            lines.append(f"| `{tok!r}` | {value:+.3f} | {self._plausibility(tok):.2f} | {head} ({lost:+.2f}) | {routes} |")
         if self.pairs:
-            lines += ["", "| pair | interaction | inside |", "|---|---|---|"]
+            lines += ["", "| pair | interaction | x plausibilities (ranked by) | inside |", "|---|---|---|---|"]
             for p in self.pairs[:n]:
                 lines.append(f"| `{p.token_s!r}` via {p.route_s} x `{p.token_t!r}` via {p.route_t} | "
-                             f"{p.value:+.3f} | MLP{p.layer} |")
+                             f"{p.value:+.3f} | {p.score:+.3f} | MLP{p.layer} |")
         return "\n".join(lines)
 
 
@@ -165,7 +186,7 @@ def _final_scale(model: Any, resid: Tensor) -> Tensor:
 @torch.no_grad()
 def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = None, live: Live = None,
                    competitors: float = 1.0, offsets: Sequence[int] = DEFAULT_OFFSETS, n_pairs: int = 10,
-                   view: Optional[TokenView] = None) -> TokenEvidence:
+                   view: Optional[TokenView] = None, context_prior: bool = True) -> TokenEvidence:
     """Evidence of every live context token for `target`, from the weights alone (module docstring).
 
     target: a token (str or id) or set of tokens -> its (mean) logit; a pair (a, b) -> the logit
@@ -187,6 +208,12 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
         qi = view.index(_token_ids(model, query)[0])
     L, H, d_model = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model
     dtype = view.resid[0].dtype
+    n = view.ids.numel()
+    if context_prior:
+        presence = view.context_presence(qi, [o for o in offsets if o > 0] or [1])
+        plausibility = (presence / (presence + 1.0 / n)).clamp_min(1e-6).to(dtype)
+    else:
+        plausibility = torch.ones(n, dtype=dtype, device=view.ids.device)
     u = u.to(dtype)
     final = _final_scale(model, view.resid[L][qi])
     routes: dict[str, Tensor] = {}
@@ -200,7 +227,7 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
             attention[f"L{l}H{h}"] = p
             head_vectors[l, h] = p[:, None] * (X @ ov[h])  # [n, d_model], attention included
             routes[f"L{l}H{h}"] = head_vectors[l, h] @ u / final
-    first_order: list[tuple] = []  # (value, s, t, MLP layer, head bringing s, head bringing t)
+    first_order: list[tuple] = []  # (score, s, t, MLP layer, head bringing s, head bringing t)
     for l in range(L):
         Q = interaction_matrix(model, l, u).to(dtype)  # [d, d], d = d_model (+1 with biases)
         scale = view.ln2_scale[l][qi]
@@ -232,11 +259,10 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
         for i, a in enumerate(names):
             for b in names[i:]:
                 same = a == b
-                top = top_pair_entries(carried[a], carried[b], Q=Q_tok, k=n_pairs + (0 if same else 1), same=same,
-                                       diagonal=False, multiplicity=2.0, sign=1)
+                top = top_pair_entries(carried[a] * plausibility[:, None], carried[b] * plausibility[:, None], Q=Q_tok,
+                                       k=n_pairs + (0 if same else 1), same=same, diagonal=False, multiplicity=2.0, sign=1)
                 first_order += [(v / float(final), s, t, l, a, b) for v, s, t in
                                 zip(top.values.tolist(), top.rows.tolist(), top.cols.tolist()) if s != t]
-    n = view.ids.numel()
     # The whole effect of each token (every layer and chain), in the virtual context.
     alone = virtual_readout(model, view, qi, torch.arange(-1, n, device=view.ids.device)[:, None], u,
                             competitors, offsets)
@@ -249,19 +275,21 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
             blind = virtual_readout(model, view, qi, torch.arange(n, device=view.ids.device)[:, None], u,
                                     competitors, offsets, blocked=(l, h))
             carriers[f"L{l}H{h}"] = single - (blind - empty)
-    # Interactions: the bilinear pair terms, strongest first (each pair once, through its best heads).
+    # Interactions: the bilinear pair terms, by score (each pair once, through its best heads).
     first_order.sort(key=lambda f: -f[0])
     pairs: list[PairEvidence] = []
     seen: set = set()
-    for value, s_, t_, l, r_s, r_t in first_order:
+    for score, s_, t_, l, r_s, r_t in first_order:
         key = (min(s_, t_), max(s_, t_))
         if key in seen:
             continue
         seen.add(key)
+        value = score / float(plausibility[s_] * plausibility[t_])
         pairs.append(PairEvidence(value, token_label(model, int(view.ids[s_])), r_s,
-                                  token_label(model, int(view.ids[t_])), r_t, l))
+                                  token_label(model, int(view.ids[t_])), r_t, l, score=score))
         if len(pairs) == n_pairs:
             break
     labels = [token_label(model, int(t)) for t in view.ids]
     return TokenEvidence(target=label, query=labels[qi], query_id=int(view.ids[qi]), ids=view.ids, labels=labels,
-                         total=total, routes=routes, attention=attention, pairs=pairs, carriers=carriers)
+                         total=total, routes=routes, attention=attention, pairs=pairs, carriers=carriers,
+                         plausibility=plausibility)

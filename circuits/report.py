@@ -179,7 +179,9 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
                "Evidence of a context token: what its presence adds to the target at the query, with every layer "
                "computed from the weights in a virtual context (the query, the token, one typical competitor; "
                "each head attends with the weight its QK circuit gives). *Carried by*: the head whose blindness "
-               "to the token loses most of that evidence. First-order routes: each head straight into the logits, "
+               "to the token loses most of that evidence. Tokens are ranked by evidence x plausibility (how likely the "
+               "model's own one-token view of text makes the token among the 8 before the query; tokens that cannot "
+               "be there score near 0). First-order routes: each head straight into the logits, "
                "and each MLP where the token meets the query's own residual and itself; 'chains and norms' is the "
                "rest. Pairs: what two tokens add *together* inside an MLP beyond what each adds alone (the "
                "bilinear interaction). Units: logit difference; see `circuits.evidence`.", "",

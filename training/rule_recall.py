@@ -15,7 +15,11 @@ For each planted rule of `training.stories` this module measures two things:
   negation        negated follow-ups - plain follow-ups       the top pair is (' not', the feeling)
   pronoun         ' she' - ' he'                              a name's evidence, minus the mean over all
                                                               names, has its gender's sign
-  conjunction     ' swam' - ' drew' and ' drew' - ' swam'     the two top pairs are the rule's two pairs
+  conjunction     ' swim' - ' walk' and ' walk' - ' swim',    the temp word the rule pairs with the time
+                  asked after the time word (the query)      word for that answer has more evidence than
+                                                             the other temp word (which one wins flips
+                                                             with the query: the interaction); the
+                                                             details also count top-token hits
   name_recall     the name - the other names, after "."       the name itself (an earlier mention) is the
                                                               top evidence token: copying
   ==============  =========================================  ============================================
@@ -78,8 +82,8 @@ def _rule_prefixes(story: str) -> list[tuple[str, str, tuple[str, ...]]]:
         if (m := re.match(r"^([A-Z][a-z]+) found a (\w+) (\w+)\.$", sent)) and len(nxt) > 1:
             out.append(("object_verb", f"{before} {nxt[0]}", (OBJECT_VERBS[m.group(3)],)))
             out.append(("pronoun", before, (NAME_GENDER[m.group(1)].capitalize(),)))
-        if (m := re.match(r"^It was a (hot|cold) (morning|night)\.$", sent)) and len(nxt) > 1:
-            out.append(("conjunction", f"{before} {nxt[0]}", (CONJUNCTION_ANSWERS[m.group(1), m.group(2)],)))
+        if m := re.match(r"^(.* took a (hot|cold) (morning|night)) \w+", sent):
+            out.append(("conjunction", f"{prefix} {m.group(1)}".strip(), (CONJUNCTION_ANSWERS[m.group(2), m.group(3)],)))
         for j, w in enumerate(words):
             name = w.strip(".,!?")
             if name in NAME_GENDER and name in names_seen and not (j and words[j - 1] == "named"):
@@ -171,15 +175,23 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
                                  f"{sorted(set(NAME_GENDER) - set(right))}; uncentred sign right for "
                                  f"{sum((v > 0) == (NAME_GENDER[n] == 'she') for n, v in values.items())}/{len(NAME_GENDER)}"])
 
-    details, hits = [], 0
+    details, hits, top_hits = [], 0, 0
     answers = sorted(set(CONJUNCTION_ANSWERS.values()))
-    for answer in answers:
+    temps = sorted({t for t, _ in CONJUNCTION_ANSWERS})
+    for (temp, time), answer in sorted(CONJUNCTION_ANSWERS.items()):
         other = [a for a in answers if a != answer]
-        e = token_evidence(model, (w(answer), [w(o) for o in other]), view=view, competitors=competitors)
-        want = {frozenset((w(t), w(x))) for (t, x), a in CONJUNCTION_ANSWERS.items() if a == answer}
-        got = [p.tokens for p in e.pairs[: len(want)]]
-        hits += sum(g in want for g in got)
-        details.append(f"{answer}: top pairs {[sorted(g) for g in got]} (want {[sorted(x) for x in want]})")
+        e = token_evidence(model, (w(answer), [w(o) for o in other]), query=w(time), view=view,
+                           competitors=competitors, n_pairs=0)
+        top = e.top_tokens(3)
+        # Compared within the slot (hot vs cold), like pronoun's centring: adding any token to the
+        # virtual context shifts the readout, and a model may encode only the cells that flip the
+        # default answer (cold after 'morning' -> walk, nothing special for swim).
+        evidence = {t: float(e.total[e.labels.index(w(t))]) for t in temps}
+        hits += evidence[temp] == max(evidence.values())
+        top_hits += top[0][0] == w(temp)
+        details.append(f"{answer!r} after {time!r}: evidence {({t: round(v, 2) for t, v in evidence.items()})} "
+                       f"(want {temp!r} highest); top evidence {[t for t, _ in top]}")
+    details.append(f"top evidence token is the rule's temp word in {top_hits}/{len(CONJUNCTION_ANSWERS)}")
     out["conjunction"] = RuleResult("conjunction", nan, 0, hits / len(CONJUNCTION_ANSWERS), len(CONJUNCTION_ANSWERS), details)
 
     names = [w(n) for n in NAME_GENDER]

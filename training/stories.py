@@ -30,11 +30,14 @@ Planted rules (each one is a ``PlantedRule`` in ``PLANTED_RULES``; ``check_story
   ``"From that day on, <hero> and <friend> were best friends."``.
 * ``pronoun`` - a name fixes its pronoun. Every follow-up sentence of the two rules above starts
   with ``He``/``She`` matching ``NAME_GENDER`` of the name that opened the previous sentence.
-* ``conjunction`` - an answer fixed by two words together. ``"It was a <temp> <time>."`` (temp in
-  ``hot``/``cold``, time in ``morning``/``night``, each a fair coin) is always followed by
-  ``"<Hero> <answer> ..."`` with answer ``swam`` when (hot, morning) or (cold, night) and ``drew``
-  otherwise (``CONJUNCTION_ANSWERS``): an exclusive or, so neither word alone says anything about
-  the answer and only their interaction does (object_verb and negation can be solved additively).
+* ``conjunction`` - an answer fixed by two words together. ``"<Hero> took a <temp> <time> <answer>
+  ..."`` (temp in ``hot``/``cold``, time in ``morning``/``night``, each a fair coin) with answer
+  ``swim`` when (hot, morning) or (cold, night) and ``walk`` otherwise (``CONJUNCTION_ANSWERS``):
+  an exclusive or, so neither word alone says anything about the answer and only their
+  interaction does (object_verb and negation can be solved additively). The answer comes right
+  after the two words: with a sentence between them and the answer (version 2: "It was a hot
+  morning. Tom swam") or one token ("took a hot morning to swim"), a 2-layer CPU model stayed at
+  chance (behaviour 0.50-0.58 at 600-5000 steps, 0.48 at 2000).
 
 Vocabulary is a few hundred words, so a model with a 4096-token (or smaller) tokenizer and a
 couple of layers learns the corpus quickly.
@@ -49,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Bump when the grammar changes, so on-disk caches keyed by it are rebuilt.
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "4"
 
 GIRL_NAMES = ("Lily", "Mia", "Sue", "Anna", "Amy", "Lucy", "Emma", "Sara", "Zoe", "Kim", "Ella", "Rose")
 BOY_NAMES = ("Tom", "Ben", "Max", "Sam", "Tim", "Jack", "Leo", "Bob", "Jake", "Dan", "Finn", "Joe")
@@ -96,13 +99,13 @@ FEELINGS: dict[str, Feeling] = {
 }
 FOLLOWUP_TAILS = ("for a long time", "a lot", "and looked around", "very much", "again")
 
-# Rule ``conjunction``: an exclusive or of two coin flips; the four words and the two answers
-# occur nowhere else.
+# Rule ``conjunction``: an exclusive or of two coin flips; the four words, "took" and the two
+# answers occur nowhere else.
 CONJUNCTION_ANSWERS: dict[tuple[str, str], str] = {
-    ("hot", "morning"): "swam",
-    ("cold", "night"): "swam",
-    ("hot", "night"): "drew",
-    ("cold", "morning"): "drew",
+    ("hot", "morning"): "swim",
+    ("cold", "night"): "swim",
+    ("hot", "night"): "walk",
+    ("cold", "morning"): "walk",
 }
 CONJUNCTION_TAILS = ("for a while", "with a friend", "until lunch", "all the time")
 
@@ -153,8 +156,8 @@ PLANTED_RULES: dict[str, PlantedRule] = {
     ),
     "conjunction": PlantedRule(
         "conjunction",
-        '"It was a <temp> <time>." is followed by "<Hero> <answer>"; the answer is an exclusive or of '
-        "temp and time, so only the pair predicts it.",
+        '"<Hero> took a <temp> <time>" is followed by <answer>, an exclusive or of temp and time, so '
+        "only the pair predicts it.",
         {f"{temp} {time}": (answer,) for (temp, time), answer in CONJUNCTION_ANSWERS.items()},
     ),
     "pronoun": PlantedRule(
@@ -190,7 +193,7 @@ def _feeling_episode(rng: random.Random, name: str) -> list[str]:
 
 def _conjunction_episode(rng: random.Random, name: str) -> list[str]:
     temp, time = rng.choice(("hot", "cold")), rng.choice(("morning", "night"))
-    return [f"It was a {temp} {time}.", f"{name} {CONJUNCTION_ANSWERS[temp, time]} {rng.choice(CONJUNCTION_TAILS)}."]
+    return [f"{name} took a {temp} {time} {CONJUNCTION_ANSWERS[temp, time]} {rng.choice(CONJUNCTION_TAILS)}."]
 
 
 def generate_story(rng: random.Random) -> str:
@@ -252,12 +255,12 @@ def generate_stories(n: int, seed: int = 0) -> list[str]:
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _FEELING_RE = re.compile(r"^([A-Z][a-z]+) was (not )?(\w+)\.$")
 _FOUND_RE = re.compile(r"^([A-Z][a-z]+) found a (\w+) (\w+)\.$")
-_CONJ_RE = re.compile(r"^It was a (hot|cold) (morning|night)\.$")
+_CONJ_RE = re.compile(r"^[A-Z][a-z]+ took a (hot|cold) (morning|night) (\w+) ")
 _NAMED_RE = re.compile(r"named ([A-Z][a-z]+)")
 _FINAL_RE = re.compile(r"^From that day on, ([A-Z][a-z]+) and ([A-Z][a-z]+) were best friends\.$")
 _FOLLOWUPS = {w for f in FEELINGS.values() for w in f.positive + f.negative}
 _VERBS = set(OBJECT_VERBS.values())
-_CONJ_WORDS = {"hot", "cold", "morning", "night", *CONJUNCTION_ANSWERS.values()}
+_CONJ_WORDS = {"took", "hot", "cold", "morning", "night", *CONJUNCTION_ANSWERS.values()}
 
 
 def split_sentences(story: str) -> list[str]:
@@ -295,12 +298,11 @@ def check_story(story: str) -> dict[str, tuple[int, int]]:
             expect("object_verb", word == OBJECT_VERBS.get(obj))
             expect("pronoun", pronoun.lower() == NAME_GENDER.get(name))
         if m := _CONJ_RE.match(sent):
-            _, answer = follow(i)
-            expect("conjunction", answer == CONJUNCTION_ANSWERS[m.group(1), m.group(2)])
+            expect("conjunction", m.group(3) == CONJUNCTION_ANSWERS[m.group(1), m.group(2)])
         # Reverse direction: a follow-up word or verb must sit right after its trigger sentence.
         words = [w.strip(".,!?") for w in sent.split()]
         prev = sents[i - 1] if i else ""
-        if not _CONJ_RE.match(sent) and not _CONJ_RE.match(prev) and _CONJ_WORDS & set(words):
+        if not _CONJ_RE.match(sent) and _CONJ_WORDS & set(words):
             expect("conjunction", False)
         for w in words:
             if w in _FOLLOWUPS and not _FEELING_RE.match(prev):

@@ -65,3 +65,32 @@ def test_evidence_total_is_the_model_on_two_tokens(tiny_model):
         truth = cache["ln_final.hook_normalized"][0, -1] @ u - base
         assert float(e.total[e.ids.tolist().index(b)]) == pytest.approx(float(truth), rel=1e-4, abs=1e-5)
 
+
+
+def test_context_presence_follows_the_models_own_chain():
+    """A model that always writes 0 -> 1 -> 2 -> 0: before a 2 comes a 1 (offset 1) and a 0 (offset 2)."""
+    from circuits.token_view import TokenView
+
+    cycle = torch.full((3, 3), -1e4)
+    cycle[0, 1] = cycle[1, 2] = cycle[2, 0] = 0.0
+    view = TokenView(ids=torch.arange(3), resid=[], ln1_scale=[], ln2_scale=[], log_probs=cycle.log_softmax(-1),
+                     frequency=torch.full((3,), 1 / 3))
+    assert torch.allclose(view.context_presence(2, [1]), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
+    assert torch.allclose(view.context_presence(2, [1, 2]), torch.tensor([1.0, 1.0, 0.0]), atol=1e-6)
+    assert torch.allclose(view.context_presence(2, [3]), torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
+
+
+def test_plausibility_ranks_tokens_and_pairs_but_keeps_raw_values(tiny_model):
+    plain = token_evidence(tiny_model, (5, [6, 7]), query=11, live="all", n_pairs=3, context_prior=False)
+    ranked = token_evidence(tiny_model, (5, [6, 7]), query=11, live="all", n_pairs=3)
+    assert torch.equal(plain.plausibility, torch.ones_like(plain.plausibility))
+    assert torch.allclose(plain.total, ranked.total)  # the prior ranks; it does not change evidence
+    p = ranked.plausibility
+    assert float(p.min()) > 0 and float(p.max()) < 1
+    best = int((ranked.total * p).argmax())
+    assert ranked.top_tokens(1)[0][0] == ranked.labels[best]
+    assert ranked.top_tokens(1, plausible=False)[0][0] == plain.top_tokens(1)[0][0]
+    for pair in ranked.pairs:
+        s, t = ranked.labels.index(pair.token_s), ranked.labels.index(pair.token_t)
+        assert pair.score == pytest.approx(pair.value * float(p[s] * p[t]), rel=1e-4)
+    assert [q.score for q in ranked.pairs] == sorted((q.score for q in ranked.pairs), reverse=True)

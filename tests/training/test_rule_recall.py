@@ -9,9 +9,9 @@ def test_every_rule_has_positions_with_the_allowed_words():
     assert {rule for rule, _, _ in cases} == set(RULES)
     for rule, prefix, allowed in cases:
         last = prefix.split()[-1]
-        if rule == "conjunction":  # "It was a <temp> <time>. <Hero>" -> the exclusive or's answer
-            temp, time = prefix.split()[-3], prefix.split()[-2].rstrip(".")
-            assert last in NAME_GENDER and allowed == (CONJUNCTION_ANSWERS[temp, time],)
+        if rule == "conjunction":  # "<Hero> took a <temp> <time>" -> the exclusive or's answer
+            temp, time = prefix.split()[-2:]
+            assert prefix.split()[-5] in NAME_GENDER and allowed == (CONJUNCTION_ANSWERS[temp, time],)
         elif rule == "object_verb":
             obj = prefix.split()[-2].rstrip(".")
             assert last in ("He", "She") and allowed == (OBJECT_VERBS[obj],)

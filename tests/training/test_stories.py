@@ -46,19 +46,19 @@ def test_all_rules_hold_everywhere(many):
 
 
 def test_conjunction_rule_is_an_exclusive_or(many):
-    # Independent of check_story: the answer after "It was a <temp> <time>." is fixed by the pair,
+    # Independent of check_story: the answer after "took a <temp> <time>" is fixed by the pair,
     # while each word alone leaves both answers equally likely.
     from training.stories import CONJUNCTION_ANSWERS
 
     seen = {}
     for s in many:
-        for m in re.finditer(r"It was a (hot|cold) (morning|night)\. [A-Z]\w+ (\w+)", s):
+        for m in re.finditer(r"took a (hot|cold) (morning|night) (\w+)", s):
             temp, time, answer = m.groups()
             assert answer == CONJUNCTION_ANSWERS[temp, time], m.group(0)
             seen.setdefault(temp, []).append(answer)
             seen.setdefault(time, []).append(answer)
     for word in ("hot", "cold", "morning", "night"):
-        share = seen[word].count("swam") / len(seen[word])
+        share = seen[word].count("swim") / len(seen[word])
         assert 0.4 < share < 0.6, (word, share)  # one word alone: a coin flip
 
 
