@@ -37,7 +37,8 @@ Planted rules (each one is a ``PlantedRule`` in ``PLANTED_RULES``; ``check_story
   interaction does (object_verb and negation can be solved additively). The answer comes right
   after the two words: with a sentence between them and the answer (version 2: "It was a hot
   morning. Tom swam") or one token ("took a hot morning to swim"), a 2-layer CPU model stayed at
-  chance (behaviour 0.50-0.58 at 600-5000 steps, 0.48 at 2000).
+  chance (behaviour 0.50-0.58 at 600-5000 steps; 0.48 at 2000 for the one-token variant, an
+  experiment not kept in the repository).
 
 Vocabulary is a few hundred words, so a model with a 4096-token (or smaller) tokenizer and a
 couple of layers learns the corpus quickly.
