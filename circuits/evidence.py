@@ -8,14 +8,19 @@ it is in the context, pushes u?". We answer it with a weight-only stand-in for a
 * each head of each layer attends from the query to a key token b with an **expected attention**
   `p_h(b) = e^{s(b)} / (e^{s(b)} + c E_typical[e^{s}])`: the share b would get against `c` typical
   competitors drawn by their frequency in the training text (`competitors`), with `s` the head's QK
-  logit between the query's and the key's effective embeddings (`circuits.token_view`), taken at the
-  best offset in `offsets` (rotary models);
+  logit between the query's and the key's effective embeddings (`circuits.token_view`), averaged
+  over the offsets in `offsets` (rotary models: the token sits at each in turn);
 * what the head then writes is the key's effective embedding, normalized, through `diag(g) W_V W_O`.
 
 A token's **evidence** is what its presence adds to u at the query: the model at the query's
 position in a virtual context of the query, the token and typical filler, minus the same without
 the token (`circuits.virtual_context`: every layer, every chain -- a layer-0 head feeding MLP 0
-feeding MLP 1 -- computed from the weights). It is split into first-order **routes**: straight into
+feeding MLP 1 -- computed from the weights), averaged over the token sitting 1, 2, ..., 16 tokens
+before the query (`offsets`). One position at a time, seen by every head from there, as in a real
+context: models have heads that read a fixed distance (one 2-layer model here reads names 1-6
+tokens back with one head and 12-16 back with another, and only the far reading copies the name),
+and letting each head see the token at its own best offset at once mixed the two. It is split
+into first-order **routes**: straight into
 the final residual through each head (the OV path), and through each MLP where the token meets the
 query's own residual and itself (`2 x_b^T Q x_q + x_b^T Q x_b`); "chains and norms" holds the rest
 (effects that pass through more than one layer, and the norms' rescaling). Which head *carries* a
@@ -52,9 +57,10 @@ from .mlp import check_bilinear, interaction_matrix, mlp_weights
 from .paths import top_pair_entries
 from .readout import Live, token_label
 from .token_view import TokenView, token_view
-from .virtual_context import virtual_readout
+from .virtual_context import expected_readout
 
-DEFAULT_OFFSETS = tuple(range(1, 9))
+DEFAULT_OFFSETS = tuple(range(1, 9))  # key_attention's best-offset search
+CONTEXT_WINDOW = tuple(range(1, 17))  # where token_evidence places a context token (each in turn)
 TokenSet = Union[int, str, Sequence[Union[int, str]]]
 
 
@@ -151,9 +157,12 @@ def _token_ids(model: Any, tokens: TokenSet) -> list[int]:
 
 @torch.no_grad()
 def key_attention(model: Any, view: TokenView, layer: int, head: int, query_index: int,
-                  offsets: Sequence[int] = DEFAULT_OFFSETS, competitors: float = 1.0) -> Tensor:
+                  offsets: Sequence[int] = DEFAULT_OFFSETS, competitors: float = 1.0,
+                  average: bool = False) -> Tensor:
     """Expected attention of head `layer`.`head` from the query (`view.ids[query_index]`) to every
-    live key token, against `competitors` typical keys (see the module docstring): [n]."""
+    live key token, against `competitors` typical keys at the same offset (see the module
+    docstring): [n]. The key sits at its best offset in `offsets` (rotary models), or with
+    average=True at each offset in turn (the mean attention over them)."""
     gain = getattr(model.blocks[layer].ln1, "w", None)
     X = view.normalized(layer)
     X = X * gain.detach() if gain is not None else X
@@ -165,14 +174,14 @@ def key_attention(model: Any, view: TokenView, layer: int, head: int, query_inde
         k = rotary(k[None, :, None], torch.zeros((1, k.shape[0]), dtype=torch.long, device=k.device))[0, :, 0]
         logits = torch.stack([
             (rotary(q[None, :, None], torch.full((1, 1), o, dtype=torch.long, device=q.device))[0, :, 0] @ k.T)[0]
-            for o in offsets]).amax(0)
+            for o in offsets])  # [offsets, n]
+        logits = logits if average else logits.amax(0, keepdim=True)
     else:
-        logits = (q @ k.T)[0]
+        logits = q @ k.T  # [1, n]: no position in the scores
     logits = logits.float() / model.cfg.d_head ** 0.5
-    shift = logits.max()
-    weight = (logits - shift).exp()
-    typical = (view.frequency.float() * weight).sum()
-    return weight / (weight + competitors * typical)
+    weight = (logits - logits.amax(-1, keepdim=True)).exp()
+    typical = (view.frequency.float() * weight).sum(-1, keepdim=True)
+    return (weight / (weight + competitors * typical)).mean(0)
 
 
 def _final_scale(model: Any, resid: Tensor) -> Tensor:
@@ -185,7 +194,7 @@ def _final_scale(model: Any, resid: Tensor) -> Tensor:
 
 @torch.no_grad()
 def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = None, live: Live = None,
-                   competitors: float = 1.0, offsets: Sequence[int] = DEFAULT_OFFSETS, n_pairs: int = 10,
+                   competitors: float = 1.0, offsets: Sequence[int] = CONTEXT_WINDOW, n_pairs: int = 10,
                    view: Optional[TokenView] = None, context_prior: bool = True) -> TokenEvidence:
     """Evidence of every live context token for `target`, from the weights alone (module docstring).
 
@@ -209,8 +218,9 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     L, H, d_model = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model
     dtype = view.resid[0].dtype
     n = view.ids.numel()
+    offsets = [o for o in offsets if 0 < o < model.cfg.n_ctx] or [1]
     if context_prior:
-        presence = view.context_presence(qi, [o for o in offsets if o > 0] or [1])
+        presence = view.context_presence(qi, offsets)
         plausibility = (presence / (presence + 1.0 / n)).clamp_min(1e-6).to(dtype)
     else:
         plausibility = torch.ones(n, dtype=dtype, device=view.ids.device)
@@ -223,7 +233,7 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
         ov = ov_matrices(model, l).to(dtype)
         X = view.normalized(l)
         for h in range(H):
-            p = key_attention(model, view, l, h, qi, offsets, competitors).to(dtype)
+            p = key_attention(model, view, l, h, qi, offsets, competitors, average=True).to(dtype)
             attention[f"L{l}H{h}"] = p
             head_vectors[l, h] = p[:, None] * (X @ ov[h])  # [n, d_model], attention included
             routes[f"L{l}H{h}"] = head_vectors[l, h] @ u / final
@@ -264,16 +274,16 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
                 first_order += [(v / float(final), s, t, l, a, b) for v, s, t in
                                 zip(top.values.tolist(), top.rows.tolist(), top.cols.tolist()) if s != t]
     # The whole effect of each token (every layer and chain), in the virtual context.
-    alone = virtual_readout(model, view, qi, torch.arange(-1, n, device=view.ids.device)[:, None], u,
-                            competitors, offsets)
+    alone = expected_readout(model, view, qi, torch.arange(-1, n, device=view.ids.device)[:, None], u,
+                             competitors, offsets)
     empty, single = alone[0], alone[1:] - alone[0]
     routes["chains and norms"] = single - torch.stack(list(routes.values())).sum(0)
     total = single
     carriers = {}
     for l in range(L):  # what each head carries: the evidence lost when it cannot attend to the token
         for h in range(H):
-            blind = virtual_readout(model, view, qi, torch.arange(n, device=view.ids.device)[:, None], u,
-                                    competitors, offsets, blocked=(l, h))
+            blind = expected_readout(model, view, qi, torch.arange(n, device=view.ids.device)[:, None], u,
+                                     competitors, offsets, blocked=(l, h))
             carriers[f"L{l}H{h}"] = single - (blind - empty)
     # Interactions: the bilinear pair terms, by score (each pair once, through its best heads).
     first_order.sort(key=lambda f: -f[0])

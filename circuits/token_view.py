@@ -46,28 +46,32 @@ class TokenView:
             raise ValueError(f"token {token_id} is not live (it never occurs in the training text); pass live='all' to use it")
         return int(hits[0, 0])
 
-    def context_presence(self, query_index: int, offsets: Sequence[int]) -> Tensor:
-        """Probability that each live token sits at one of `offsets` positions before the query, in
-        the model's own view of text: [n].
+    def offset_presence(self, query_index: int, offsets: Sequence[int]) -> Tensor:
+        """P(token s sits exactly `offsets[i]` positions before the query), in the model's own view of
+        text: [len(offsets), n]; each row sums to 1 over the live tokens.
 
         The model after one token is a Markov chain over the live tokens (M[s, t]: the probability
         of t right after s alone, renormalized over live tokens; start: the training frequency).
-        By Bayes, P(token s at offset k before q) = p(s) M^k[s, q] / sum_s' p(s') M^k[s', q], and the
-        offsets are combined as independent chances (1 - prod_k (1 - P_k)). A weights-only prior
-        on which tokens can be in the query's context at all: ' cold' can precede ' night', ' mom'
-        cannot."""
+        By Bayes, P(token s at offset k before q) = p(s) M^k[s, q] / sum_s' p(s') M^k[s', q]."""
         M = self.log_probs[:, self.ids].float().exp()
         M = M / M.sum(-1, keepdim=True).clamp_min(1e-30)  # [n, n]
         p = self.frequency.float()
         reach = M[:, query_index]  # M^k[:, q], k = 1
-        absent = torch.ones_like(p)
+        rows = {}
         for k in range(1, max(offsets) + 1):
             if k > 1:
                 reach = M @ reach
             if k in offsets:
                 at_k = p * reach
-                absent = absent * (1 - at_k / at_k.sum().clamp_min(1e-30))
-        return 1 - absent
+                rows[k] = at_k / at_k.sum().clamp_min(1e-30)
+        return torch.stack([rows[k] for k in offsets])
+
+    def context_presence(self, query_index: int, offsets: Sequence[int]) -> Tensor:
+        """Probability that each live token sits at one of `offsets` positions before the query
+        (`offset_presence`, the offsets combined as independent chances 1 - prod_k (1 - P_k)): [n].
+        A weights-only prior on which tokens can be in the query's context at all: ' cold' can
+        precede ' night', ' mom' cannot."""
+        return 1 - (1 - self.offset_presence(query_index, offsets)).prod(0)
 
     def normalized(self, layer: int) -> Tensor:
         """What ln1 of `layer` makes of each token's effective embedding, before its gain: [n, d_model]."""

@@ -20,6 +20,10 @@ So with `offsets=(1,)`, `competitors=0` and one key b, the result is exactly the
 on the sequence [b, query] (tested); with no key it is the model on [query] alone. A token's total
 evidence is `virtual_readout(with b) - virtual_readout(without)`, and the interaction of two tokens
 `f(s, t) - f(s) - f(t) + f()`.
+
+`key_offsets` pins each key slot to one offset instead (so two keys can sit at two places, as in a
+real context); `expected_readout` averages a key's readout over the offsets it may sit at, and
+`expected_interaction` a pair's interaction over every placement of the two.
 """
 
 from __future__ import annotations
@@ -48,12 +52,14 @@ def _rotate(model: Any, layer: int, t: Tensor, position: int) -> Tensor:
 @torch.no_grad()
 def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
                     competitors: float = 1.0, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048,
-                    blocked: Optional[tuple[int, int]] = None) -> Tensor:
+                    blocked: Optional[tuple[int, int]] = None, key_offsets: Optional[Sequence[int]] = None) -> Tensor:
     """`u . ln_final(resid)` at the query, for each row of virtual key tokens: [m].
 
     query: index into `view.ids`; keys: [m, k] indices into `view.ids` (-1: no token in that slot);
     u: [d_model] (a direction that includes the final norm's gain, e.g. `unembed_direction`);
-    blocked: (layer, head) that may not attend to the key tokens (what that head carries)."""
+    blocked: (layer, head) that may not attend to the key tokens (what that head carries);
+    key_offsets: [k], slot j sits exactly key_offsets[j] before the query (instead of every key at
+    its best offset in `offsets`; typical competitors then sit at those offsets, equally)."""
     if keys.ndim != 2:
         raise ValueError(f"keys must be [m, k] indices into the live tokens (-1 for none), got {tuple(keys.shape)}")
     # Each row scores every live key at every offset ([offsets, rows, heads, n_live] logits): keep
@@ -61,13 +67,18 @@ def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Te
     # small vocabularies (the built-in corpus); for a 32k vocabulary pass a live mask of a few thousand.
     per_row = max(1, len(offsets) * model.cfg.n_heads * view.ids.numel())
     chunk = max(1, min(chunk, 2 ** 25 // per_row))
-    out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets, blocked)
+    if key_offsets is not None:
+        if len(key_offsets) != keys.shape[1]:
+            raise ValueError(f"{len(key_offsets)} key offsets for {keys.shape[1]} key slots")
+        offsets = sorted(set(key_offsets))
+    out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets, blocked, key_offsets)
            for s in range(0, keys.shape[0], chunk)]
     return torch.cat(out) if out else u.new_zeros(0)
 
 
 def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float,
-                   offsets: Sequence[int], blocked: Optional[tuple[int, int]] = None) -> Tensor:
+                   offsets: Sequence[int], blocked: Optional[tuple[int, int]] = None,
+                   key_offsets: Optional[Sequence[int]] = None) -> Tensor:
     cfg = model.cfg
     m, n_keys = keys.shape
     dtype = view.resid[0].dtype
@@ -94,17 +105,25 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
         k_all = torch.einsum("nd,hdk->nhk", xk, W_K) + b_K  # [n, H, dh]
         v_all = torch.einsum("nd,hdk->nhk", xk, W_V) + b_V
         k_rot = _rotate(model, l, k_all, q_pos - max(offsets))
-        logits = torch.stack([
+        by_offset = torch.stack([
             torch.einsum("mhk,nhk->mhn", _rotate(model, l, q, q_pos - max(offsets) + o), k_rot)
-            for o in offsets]).amax(0) * scale  # [m, H, n]
+            for o in offsets]) * scale  # [O, m, H, n]
+        if key_offsets is None:  # every key (and competitor) at its best offset
+            logits = by_offset.amax(0)  # [m, H, n]
+            shift = torch.maximum(logits.amax(-1), s_self)  # [m, H]
+            w_all = (logits - shift[..., None]).exp()  # [m, H, n]
+            s_keys = logits.gather(-1, safe[:, None, :].expand(m, logits.shape[1], n_keys))  # [m, H, k]
+        else:  # slot j at its own offset; competitors spread evenly over those offsets
+            shift = torch.maximum(by_offset.amax((0, -1)), s_self)
+            w_all = (by_offset - shift[..., None]).exp().mean(0)
+            slot = torch.tensor([offsets.index(o) for o in key_offsets], device=keys.device)
+            rows = torch.arange(m, device=keys.device)
+            s_keys = torch.stack([by_offset[slot[j], rows, :, safe[:, j]] for j in range(n_keys)], -1)  # [m, H, k]
         # Typical competitors: frequency-weighted, their attention-weighted mean value.
-        shift = torch.maximum(logits.amax(-1), s_self)  # [m, H]
-        w_all = (logits - shift[..., None]).exp()  # [m, H, n]
         typical_mass = competitors * torch.einsum("mhn,n->mh", w_all, freq)
         typical_value = torch.einsum("mhn,n,nhk->mhk", w_all, freq, v_all) / torch.einsum(
             "mhn,n->mh", w_all, freq).clamp_min(1e-30)[..., None]
         # The key tokens of each row.
-        s_keys = logits.gather(-1, safe[:, None, :].expand(m, logits.shape[1], n_keys))  # [m, H, k]
         w_keys = (s_keys - shift[..., None]).exp() * present[:, None, :]
         if blocked is not None and blocked[0] == l:
             w_keys[:, blocked[1]] = 0.0
@@ -116,6 +135,55 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
         x = x + torch.einsum("mhd,hdo->mo", z, W_O) + b_O
         x = x + block.mlp(_norm(model, block.ln2, x)[:, None])[:, 0]
     return _normalized(model, x) @ u.to(dtype)
+
+
+@torch.no_grad()
+def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float = 1.0,
+                     offsets: Sequence[int] = tuple(range(1, 17)), blocked: Optional[tuple[int, int]] = None,
+                     weights: Optional[Tensor] = None) -> Tensor:
+    """`virtual_readout` with the keys at one offset at a time, averaged over `offsets` (uniformly,
+    or by `weights` [len(offsets)]): [m].
+
+    A real context holds a token at one position, seen by every head from there; `virtual_readout`
+    with several offsets lets each head see a key at its own best offset at once, which overstates
+    heads that read a fixed distance (a head that reads names 1-6 tokens back and one that reads
+    them 12-16 back can do opposite things with them)."""
+    offsets = [o for o in offsets if 0 < o < model.cfg.n_ctx] or [1]
+    if weights is None:
+        weights = torch.full((len(offsets),), 1.0 / len(offsets))
+    if len(weights) != len(offsets):
+        raise ValueError(f"{len(weights)} weights for {len(offsets)} offsets")
+    total = None
+    for o, w in zip(offsets, weights.tolist()):
+        r = w * virtual_readout(model, view, query, keys, u, competitors, (o,), blocked=blocked)
+        total = r if total is None else total + r
+    return total
+
+
+@torch.no_grad()
+def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor, u: Tensor, competitors: float = 1.0,
+                         offsets: Sequence[int] = tuple(range(1, 17))) -> Tensor:
+    """What two context tokens do together beyond what each does alone, `f(s, t) - f(s) - f(t) + f()`,
+    averaged over every placement of the two at distinct offsets in `offsets`: [P] for
+    pairs [P, 2] (indices into `view.ids`). Exact through every layer, norm and chain of the virtual
+    context, unlike the first-order pair terms of `circuits.evidence` (one MLP, attention fixed)."""
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be [P, 2] indices into the live tokens, got {tuple(pairs.shape)}")
+    offsets = [o for o in offsets if 0 < o < model.cfg.n_ctx]
+    if len(offsets) < 2:
+        raise ValueError("two tokens need at least two offsets in the context window")
+    P = pairs.shape[0]
+    gap = torch.full_like(pairs[:, :1], -1)
+    rows = torch.cat([pairs, torch.cat([pairs[:, :1], gap], 1), torch.cat([gap, pairs[:, 1:]], 1),
+                      torch.full((1, 2), -1, dtype=pairs.dtype, device=pairs.device)])  # both, s, t, none
+    total, count = torch.zeros(P, dtype=u.dtype, device=pairs.device), 0
+    for o_s in offsets:
+        for o_t in offsets:
+            if o_s != o_t:  # the same context for all four: only which tokens are present changes
+                f = virtual_readout(model, view, query, rows, u, competitors, key_offsets=(o_s, o_t))
+                total += f[:P] - f[P:2 * P] - f[2 * P:3 * P] + f[3 * P]
+                count += 1
+    return total / count
 
 
 def _normalized(model: Any, x: Tensor) -> Tensor:

@@ -12,7 +12,12 @@ For each planted rule of `training.stories` this module measures two things:
   rule            target (logit difference)                  named when
   ==============  =========================================  ============================================
   object_verb     the object's verb - the other verbs        the object is the top evidence token
-  negation        negated follow-ups - plain follow-ups       the top pair is (' not', the feeling)
+  negation        the feeling's negated - plain follow-ups,   of the pairs (' not', each feeling word), the
+                  against the other feelings' (a double       feeling's own has the largest interaction
+                  difference: what needs both words)          (`circuits.virtual_context.expected_interaction`,
+                                                              exact through every layer); the details also
+                                                              count ' not' as the top evidence token for the
+                                                              plain difference and the top first-order pair
   pronoun         ' she' - ' he'                              a name's evidence, minus the mean over all
                                                               names, has its gender's sign
   conjunction     ' swim' - ' walk' and ' walk' - ' swim',    the temp word the rule pairs with the time
@@ -139,8 +144,10 @@ def gender_sides(values: dict[str, float]) -> tuple[list[str], float]:
 def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) -> dict[str, RuleResult]:
     """Recall of every rule from the weights alone (see the module docstring); behaviour is left
     NaN here (fill it from `behaviour`)."""
+    from circuits.directions import logit_diff_direction
     from circuits.evidence import token_evidence
     from circuits.token_view import token_view
+    from circuits.virtual_context import expected_interaction
 
     view = token_view(model)
     w = lambda word: _tok(model, word, lowercase)
@@ -156,15 +163,30 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
         details.append(f"{verb!r}: query {e.query!r}, top evidence {[t for t, _ in top]} (want {w(obj)!r})")
     out["object_verb"] = RuleResult("object_verb", nan, 0, hits / len(verbs), len(verbs), details)
 
-    details, hits = [], 0
+    details, hits, top_hits, pair_hits = [], 0, 0, 0
+    feelings = list(FEELINGS)
+    not_index = view.index(model.to_single_token(w("not")))
+    pairs = torch.tensor([[not_index, view.index(model.to_single_token(w(g)))] for g in feelings], device=view.ids.device)
     for name, f in FEELINGS.items():
         e = token_evidence(model, ([w(x) for x in f.negative], [w(x) for x in f.positive]), view=view,
                            competitors=competitors)
-        want = frozenset((w("not"), w(name)))
+        # What needs both words: this feeling's negated-minus-plain follow-ups against the other
+        # feelings' (' not' alone moves every feeling's follow-ups; the feeling alone moves both of
+        # its sets). Named when ' not' meets this feeling more strongly than any other feeling.
+        others = [g for g in feelings if g != name]
+        a = [w(x) for x in f.negative] * 2 + [w(x) for g in others for x in FEELINGS[g].positive]
+        b = [w(x) for x in f.positive] * 2 + [w(x) for g in others for x in FEELINGS[g].negative]
+        u = logit_diff_direction(model, [model.to_single_token(x) for x in a], [model.to_single_token(x) for x in b])
+        inter = expected_interaction(model, view, view.index(e.query_id), pairs, u.to(view.resid[0].dtype), competitors)
+        hits += int(inter.argmax()) == feelings.index(name)
+        top_hits += e.top_tokens(1)[0][0] == w("not")
         best = e.pairs[0] if e.pairs else None
-        hits += best is not None and best.tokens == want
+        pair_hits += best is not None and best.tokens == frozenset((w("not"), w(name)))
         got = "none" if best is None else f"{best.token_s!r} via {best.route_s} x {best.token_t!r} via {best.route_t} in MLP{best.layer}"
-        details.append(f"not {name}: top pair {got}; top tokens {[t for t, _ in e.top_tokens(3)]}")
+        details.append(f"not {name}: interaction of ' not' with {dict(zip(feelings, [round(v, 2) for v in inter.tolist()]))} "
+                       f"(want {name!r} highest); top evidence {[t for t, _ in e.top_tokens(3)]}; top first-order pair {got}")
+    details.append(f"' not' is the top evidence token in {top_hits}/{len(FEELINGS)}; the top first-order pair is "
+                   f"(' not', the feeling) in {pair_hits}/{len(FEELINGS)}")
     out["negation"] = RuleResult("negation", nan, 0, hits / len(FEELINGS), len(FEELINGS), details)
 
     e = token_evidence(model, (w("she"), w("he")), view=view, competitors=competitors)

@@ -6,7 +6,7 @@ import torch
 from circuits.directions import logit_diff_direction
 from circuits.evidence import token_evidence
 from circuits.token_view import token_view
-from circuits.virtual_context import virtual_readout
+from circuits.virtual_context import expected_interaction, expected_readout, virtual_readout
 from hooked_bilinear import HookedBilinearTransformer
 
 from ..conftest import tiny_config
@@ -94,3 +94,43 @@ def test_plausibility_ranks_tokens_and_pairs_but_keeps_raw_values(tiny_model):
         s, t = ranked.labels.index(pair.token_s), ranked.labels.index(pair.token_t)
         assert pair.score == pytest.approx(pair.value * float(p[s] * p[t]), rel=1e-4)
     assert [q.score for q in ranked.pairs] == sorted((q.score for q in ranked.pairs), reverse=True)
+
+
+@pytest.mark.parametrize("overrides", [dict(n_key_value_heads=2), dict(normalization_type="LN", attn_bias=True, mlp_bias=True)])
+def test_pinned_key_offsets_are_the_model_on_three_tokens(overrides):
+    """One layer (keys are raw embeddings), no competitors: b two back and c one back is [b, c, q],
+    whichever slot holds which."""
+    model = HookedBilinearTransformer(tiny_config(seed=3, n_layers=1, **overrides)).eval()
+    view = token_view(model, live="all")
+    u = logit_diff_direction(model, 5, [6, 7])
+    q, b, c = 11, 3, 30
+    _, cache = model.run_with_cache(torch.tensor([[b, c, q]]))
+    truth = float(cache["ln_final.hook_normalized"][0, -1] @ u)
+    got = virtual_readout(model, view, q, torch.tensor([[b, c]]), u, competitors=0.0, key_offsets=(2, 1))
+    swapped = virtual_readout(model, view, q, torch.tensor([[c, b]]), u, competitors=0.0, key_offsets=(1, 2))
+    assert float(got[0]) == pytest.approx(truth, rel=1e-4, abs=1e-5)
+    assert float(swapped[0]) == pytest.approx(truth, rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="key offsets"):
+        virtual_readout(model, view, q, torch.tensor([[b, c]]), u, key_offsets=(1,))
+
+
+def test_evidence_is_the_mean_over_placements(tiny_model):
+    """A token's evidence averages its effect over the offsets it may sit at, one at a time."""
+    u = logit_diff_direction(tiny_model, 5, [6, 7])
+    view = token_view(tiny_model, live="all")
+    e = token_evidence(tiny_model, (5, [6, 7]), query=11, view=view, offsets=(1, 3), n_pairs=0)
+    keys = torch.arange(-1, view.ids.numel())[:, None]
+    each = [virtual_readout(tiny_model, view, 11, keys, u, offsets=(o,)) for o in (1, 3)]
+    assert torch.allclose(e.total, sum(r[1:] - r[0] for r in each) / 2, atol=1e-5)
+    assert torch.allclose(expected_readout(tiny_model, view, 11, keys, u, offsets=(1, 3), weights=torch.tensor([1.0, 0.0])),
+                          each[0], atol=1e-6)
+
+
+def test_expected_interaction_does_not_depend_on_the_order_of_a_pair(tiny_model):
+    view = token_view(tiny_model, live="all")
+    u = logit_diff_direction(tiny_model, 5, [6, 7])
+    forward = expected_interaction(tiny_model, view, 11, torch.tensor([[3, 20], [8, 9]]), u, offsets=(1, 2, 5))
+    backward = expected_interaction(tiny_model, view, 11, torch.tensor([[20, 3], [9, 8]]), u, offsets=(1, 2, 5))
+    assert torch.allclose(forward, backward, atol=1e-5) and float(forward.abs().max()) > 1e-4
+    with pytest.raises(ValueError, match="two offsets"):
+        expected_interaction(tiny_model, view, 11, torch.tensor([[3, 20]]), u, offsets=(1,))

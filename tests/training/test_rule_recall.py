@@ -43,3 +43,25 @@ def test_behaviour_of_an_untrained_model_is_near_chance(tokenizer):
     assert set(scores) == set(RULES)
     for rule, (accuracy, positions) in scores.items():
         assert positions > 0 and 0.0 <= accuracy <= 0.5, (rule, accuracy)
+
+
+def test_weight_recall_reads_every_rule_from_a_model(tokenizer):
+    """Runs end to end on an untrained model (what it names is noise; the bookkeeping is checked)."""
+    import torch
+
+    from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer
+    from training.rule_recall import weight_recall
+
+    cfg = HookedBilinearConfig(d_model=32, d_head=16, n_heads=2, n_layers=2, n_ctx=64, d_vocab=len(tokenizer),
+                               d_mlp=64, seed=0)
+    model = HookedBilinearTransformer(cfg, tokenizer=tokenizer).eval()
+    counts = torch.zeros(len(tokenizer), dtype=torch.long)
+    for story in generate_stories(20, seed=3):
+        counts += torch.bincount(torch.tensor(tokenizer(story.lower())["input_ids"]), minlength=len(tokenizer))
+    model.token_counts = counts
+    results = weight_recall(model)
+    assert set(results) == set(RULES)
+    assert results["object_verb"].n_cases == len(OBJECT_VERBS) and results["negation"].n_cases == len(FEELINGS)
+    for rule, r in results.items():
+        assert 0.0 <= r.recall <= 1.0 and r.details, rule
+    assert "interaction of ' not' with" in results["negation"].details[0]
