@@ -11,6 +11,11 @@ For each feeling f and target u_f = mean logit of f's negated follow-ups - mean 
   to ' not' (every layer), and when the positions between ' not' and the query cannot: which
   positions bring ' not' in. (What is left after a knock-out includes the one-token shift of every
   later position that "not" causes, so the two losses need not add up to the effect.)
+* **interaction of (' not', g)** for the double difference D_f = u_f - mean over the other feelings
+  of u_g (what needs both words: ' not' alone moves every feeling's follow-ups, a feeling alone both
+  of its sets), in "... was not <g>. <pronoun>": D_f with both tokens, minus with ' not' hidden,
+  minus with g hidden, plus with both hidden (hidden: no position may attend to it, in any layer).
+  The weight-only negation recall asks the same question of the weights (`bench_rules.py`).
 
     python benchmarks/negation_mechanism.py /tmp/bench_rules/L2-s1/final [more model folders]
 """
@@ -58,6 +63,44 @@ def not_effect(model, target: str, context: str, name: str, pronoun: str, knocko
     return values[0] - values[1]
 
 
+def direction(model, feeling: str, double: bool):
+    """u_f, or D_f = u_f - mean of u_g over the other feelings, as a vector over the vocabulary."""
+    from training.stories import FEELINGS
+
+    def u(name):
+        f, vec = FEELINGS[name], torch.zeros(model.cfg.d_vocab)
+        vec[[model.to_single_token(" " + w) for w in f.negative]] += 1 / len(f.negative)
+        vec[[model.to_single_token(" " + w) for w in f.positive]] -= 1 / len(f.positive)
+        return vec
+    others = [g for g in FEELINGS if g != feeling]
+    return u(feeling) - sum(u(g) for g in others) / len(others) if double else u(feeling)
+
+
+@torch.no_grad()
+def hidden_readout(model, tokens, hidden: list[int], vec) -> float:
+    """The last position's logits . vec with no position attending to the `hidden` ones."""
+    def hook(scores, hook):
+        scores = scores.clone()
+        for k in hidden:
+            own = scores[..., k, k].clone()
+            scores[..., :, k] = float("-inf")
+            scores[..., k, k] = own  # a position still sees itself (softmax needs one key)
+        return scores
+    hooks = [(lambda n: n.endswith("hook_attn_scores"), hook)] if hidden else []
+    return float(model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1] @ vec.to(model.W_U.device))
+
+
+def pair_interaction(model, target: str, context: str, name: str, pronoun: str) -> float:
+    """Interaction of ' not' and the feeling word `context` on D_target, in "... was not <context>."."""
+    text = f"once upon a time, there was a little girl named {name}. {name} was not {context}. {pronoun}"
+    tokens = model.to_tokens(text, prepend_bos=False)
+    strs = model.to_str_tokens(tokens[0])
+    at_not, at_g = strs.index(" not"), strs.index(" " + context)
+    vec = direction(model, target, double=True)
+    f = lambda hidden: hidden_readout(model, tokens, hidden, vec)
+    return f([]) - f([at_not]) - f([at_g]) + f([at_not, at_g])
+
+
 def main(argv=None) -> int:
     import os
 
@@ -81,6 +124,12 @@ def main(argv=None) -> int:
             other = max(v for g, v in row.items() if g != f)
             cells = " | ".join(f"{row[g]:+.2f}" for g in FEELINGS)
             print(f"| u_{f} | {cells} | {row[f] - other:+.2f} | {row[f] - mean(f, 'query'):+.2f} | {row[f] - mean(f, 'between'):+.2f} |")
+        print("\n| target | " + " | ".join(f"(' not', '{g}')" for g in FEELINGS) + " | own pair largest |")
+        print("|---" * (len(FEELINGS) + 2) + "|")
+        for f in FEELINGS:
+            row = {g: sum(pair_interaction(model, f, g, n, p) for n, p in NAMES) / len(NAMES) for g in FEELINGS}
+            cells = " | ".join(f"{row[g]:+.2f}" for g in FEELINGS)
+            print(f"| D_{f} | {cells} | {'yes' if max(row, key=row.get) == f else 'no'} |")
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .evidence import token_evidence
+from .evidence import CONTEXT_WINDOW, token_evidence
 from .find import feature_tokens, find_circuit, target_direction
 from .mlp import check_bilinear, check_layer, eigendecompose, hosvd
 from .readout import normalized_embeddings
@@ -174,13 +174,15 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
         md += ["## What the weights say", "",
                f"**{top_tok!r} drives the target most** (evidence {top_val:+.2f} logits). It is carried by "
                f"**{head}** ({lost:+.2f} of it is lost when {head} cannot attend to it), which attends from the query "
-               f"{ev.query!r} to {top_tok!r} with expected attention {float(p[i]):.2f} (rank {rank} of {p.numel()} keys).",
+               f"{ev.query!r} to {top_tok!r} with expected attention {float(p[i]):.2f} (mean over the offsets it may "
+               f"sit at; rank {rank} of {p.numel()} keys).",
                "",
                "Evidence of a context token: what its presence adds to the target at the query, with every layer "
-               "computed from the weights in a virtual context (the query, the token, one typical competitor; "
-               "each head attends with the weight its QK circuit gives). *Carried by*: the head whose blindness "
+               f"computed from the weights in a virtual context (the query, the token, one typical competitor; "
+               f"each head attends with the weight its QK circuit gives), averaged over the token sitting 1 to "
+               f"{max(CONTEXT_WINDOW)} tokens before the query, one offset at a time. *Carried by*: the head whose blindness "
                "to the token loses most of that evidence. Tokens are ranked by evidence x plausibility (how likely the "
-               "model's own one-token view of text makes the token among the 8 before the query; tokens that cannot "
+               f"model's own one-token view of text makes the token among the {max(CONTEXT_WINDOW)} before the query; tokens that cannot "
                "be there score near 0). First-order routes: each head straight into the logits, "
                "and each MLP where the token meets the query's own residual and itself; 'chains and norms' is the "
                "rest. Pairs: what two tokens add *together* inside an MLP beyond what each adds alone (the "
