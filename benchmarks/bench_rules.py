@@ -12,7 +12,11 @@ and its top-2 eigencomponents on held-out text (the rules' logit directions, eve
 
 Models are trained once into --out/L{layers}-s{seed} and reused on later runs (a finished run is
 evaluated again, an interrupted one resumed). Results go to --out/results.json and results.md.
-Target: recall >= 0.95 for every rule a model has learned (behaviour >= 0.95).
+Target: recall >= 0.95 for every rule a model has learned (behaviour >= 0.95). Where the weights name
+another token than the trigger (object_verb, name_recall), the trigger and the named token are each
+hidden from attention in real held-out sentences (`training.rule_recall.check_misses`): the last
+column counts the misses where hiding the named token moves the target more -- the model really
+works that way, and the miss is the rule's reading, not the weights'.
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
                 corr = activation_metric(model)
             rows.append({"model": name, "layers": layers, "seed": seed, "seconds": round(time.time() - start, 1),
                          "rules": {r: {"behaviour": v.behaviour, "positions": v.n_positions, "recall": v.recall,
-                                       "cases": v.n_cases, "details": v.details} for r, v in results.items()},
+                                       "cases": v.n_cases, "details": v.details, "misses": len(v.misses),
+                                       "misses_data_agrees": v.misses_data_agrees} for r, v in results.items()},
                          "top2_correlation": corr})
             print(f"{name}: " + ", ".join(f"{r} {v.behaviour:.2f}/{v.recall:.2f}" for r, v in results.items()), flush=True)
 
@@ -125,12 +130,17 @@ def main(argv=None) -> int:
         c = row["top2_correlation"]
         frac = sum(x > 0.75 for x in c) / len(c)
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {statistics.median(c):.2f}, {frac:.0%} |")
-    lines += ["", "| rule | models that learned it | mean recall on those | target met (>= 0.95) |", "|---|---|---|---|"]
+    lines += ["", "| rule | models that learned it | mean recall on those | target met (>= 0.95) | "
+              "misses on those: where real sentences side with the weights |", "|---|---|---|---|---|"]
     for r in RULES:
-        learned = [row["rules"][r]["recall"] for row in rows if row["rules"][r]["behaviour"] >= 0.95]
+        on = [row["rules"][r] for row in rows if row["rules"][r]["behaviour"] >= 0.95]
+        learned = [v["recall"] for v in on]
         mean = sum(learned) / len(learned) if learned else float("nan")
+        misses = sum(v.get("misses", 0) for v in on)
+        agree = sum(v.get("misses_data_agrees", 0) for v in on)
+        checked = f"{agree} of {misses}" if r in ("object_verb", "name_recall") else "(read within the slot)"
         lines.append(f"| {r} | {len(learned)}/{len(rows)} | {mean:.2f} | "
-                     f"{'yes' if learned and min(learned) >= 0.95 else ('n/a' if not learned else 'no')} |")
+                     f"{'yes' if learned and min(learned) >= 0.95 else ('n/a' if not learned else 'no')} | {checked} |")
     table = "\n".join(lines)
     print("\n" + table)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -76,26 +76,14 @@ def direction(model, feeling: str, double: bool):
     return u(feeling) - sum(u(g) for g in others) / len(others) if double else u(feeling)
 
 
-@torch.no_grad()
-def hidden_readout(model, tokens, hidden: list[int], vec) -> float:
-    """The last position's logits . vec with no position attending to the `hidden` ones."""
-    def hook(scores, hook):
-        scores = scores.clone()
-        for k in hidden:
-            own = scores[..., k, k].clone()
-            scores[..., :, k] = float("-inf")
-            scores[..., k, k] = own  # a position still sees itself (softmax needs one key)
-        return scores
-    hooks = [(lambda n: n.endswith("hook_attn_scores"), hook)] if hidden else []
-    return float(model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1] @ vec.to(model.W_U.device))
-
-
 def pair_interaction(model, target: str, context: str, name: str, pronoun: str) -> float:
     """Interaction of ' not' and the feeling word `context` on D_target, in "... was not <context>."."""
     text = f"once upon a time, there was a little girl named {name}. {name} was not {context}. {pronoun}"
     tokens = model.to_tokens(text, prepend_bos=False)
     strs = model.to_str_tokens(tokens[0])
     at_not, at_g = strs.index(" not"), strs.index(" " + context)
+    from training.rule_recall import hidden_readout
+
     vec = direction(model, target, double=True)
     f = lambda hidden: hidden_readout(model, tokens, hidden, vec)
     return f([]) - f([at_not]) - f([at_g]) + f([at_not, at_g])

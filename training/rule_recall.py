@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from training.stories import (CONJUNCTION_ANSWERS, FEELINGS, NAME_GENDER, OBJECT_VERBS, generate_stories,
                               split_sentences)
@@ -61,10 +62,24 @@ class RuleResult:
     recall: float  # share of the rule's cases the weights name
     n_cases: int
     details: list[str] = field(default_factory=list)  # one line per case: what the weights named
+    misses: list["Miss"] = field(default_factory=list)  # cases where the weights named another token
+    misses_data_agrees: int = 0  # of those, how many real sentences side with the weights (`check_misses`)
 
     @property
     def learned(self) -> bool:
         return self.behaviour >= 0.95
+
+
+@dataclass
+class Miss:
+    """A case whose top evidence token is not the rule's trigger: for the target (tokens a - tokens
+    b), the trigger the rule plants and the token the weights named instead (token labels)."""
+
+    rule: str
+    case: str  # the object or name, as the corpus writes it
+    target: tuple[list[str], list[str]]
+    trigger: str
+    named: str
 
 
 # --- behaviour on held-out stories --------------------------------------------------------------
@@ -155,13 +170,15 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
     nan = float("nan")
 
     verbs = {o: w(v) for o, v in OBJECT_VERBS.items()}
-    details, hits = [], 0
+    details, hits, misses = [], 0, []
     for obj, verb in verbs.items():
         e = token_evidence(model, (verb, [v for v in verbs.values() if v != verb]), view=view, competitors=competitors)
         top = e.top_tokens(3)
         hits += top[0][0] == w(obj)
+        if top[0][0] != w(obj):
+            misses.append(Miss("object_verb", obj, ([verb], [v for v in verbs.values() if v != verb]), w(obj), top[0][0]))
         details.append(f"{verb!r}: query {e.query!r}, top evidence {[t for t, _ in top]} (want {w(obj)!r})")
-    out["object_verb"] = RuleResult("object_verb", nan, 0, hits / len(verbs), len(verbs), details)
+    out["object_verb"] = RuleResult("object_verb", nan, 0, hits / len(verbs), len(verbs), details, misses)
 
     details, hits, top_hits, pair_hits = [], 0, 0, 0
     feelings = list(FEELINGS)
@@ -218,20 +235,21 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
 
     names = [w(n) for n in NAME_GENDER]
     induction = _induction_recall(model, view, names)
-    details, hits = [], 0
+    details, hits, misses = [], 0, []
     # Copying, asked where a sentence starts ("." is the query: most later mentions open a sentence;
     # the default query would be "named", after which the name is new and cannot be copied).
     period = model.to_string([model.tokenizer(".")["input_ids"][0]])
-    for name in names:  # a name in the context is what pushes that name over the others
-        e = token_evidence(model, (name, [x for x in names if x != name]), query=period, view=view,
-                           competitors=competitors, n_pairs=0)
+    for corpus_name, name in zip(NAME_GENDER, names):  # a name in the context pushes that name over the others
+        others = [x for x in names if x != name]
+        e = token_evidence(model, (name, others), query=period, view=view, competitors=competitors, n_pairs=0)
         top = e.top_tokens(1)[0][0]
         hits += top == name
         if top != name:
+            misses.append(Miss("name_recall", corpus_name, ([name], others), name, top))
             details.append(f"{name!r}: top evidence {top!r} (query {e.query!r})")
     out["name_recall"] = RuleResult("name_recall", nan, 0, hits / len(names), len(names),
                                     [f"copying: {hits}/{len(names)} names are their own top evidence"] + details
-                                    + [f"induction check: {induction.details[0]}"])
+                                    + [f"induction check: {induction.details[0]}"], misses)
     return out
 
 
@@ -264,9 +282,75 @@ def _induction_recall(model: Any, view: Any, names: Sequence[str]) -> RuleResult
     return RuleResult("name_recall", nan, 0, recall, len(names), [detail])
 
 
+# --- the weights' misses, checked on real sentences ---------------------------------------------
+
+
+@torch.no_grad()
+def hidden_readout(model: Any, tokens: Tensor, hidden: Sequence[int], vec: Tensor) -> float:
+    """`logits . vec` at the last position when no position may attend to the `hidden` positions
+    (in any layer; each still attends to itself, so it keeps its own residual)."""
+    def hook(scores, hook):
+        scores = scores.clone()
+        for k in hidden:
+            own = scores[..., k, k].clone()
+            scores[..., :, k] = float("-inf")
+            scores[..., k, k] = own
+        return scores
+    hooks = [(lambda n: n.endswith("hook_attn_scores"), hook)] if len(hidden) else []
+    return float(model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1] @ vec.to(model.W_U.device))
+
+
+def hiding_effect(model: Any, text: str, label: str, vec: Tensor) -> float:
+    """How much `logits . vec` after `text` drops when every occurrence of the token `label` is
+    hidden from attention (0 when the token is not in the context)."""
+    tokens = model.to_tokens(text, prepend_bos=False)[:, -model.cfg.n_ctx:]
+    where = [i for i, s in enumerate(model.to_str_tokens(tokens[0])) if s == label]
+    return hidden_readout(model, tokens, [], vec) - hidden_readout(model, tokens, where, vec) if where else 0.0
+
+
+def _miss_prefixes(miss: Miss, stories: Sequence[str]) -> list[str]:
+    """Held-out texts that end where the miss's case decides the next word."""
+    if miss.rule == "object_verb":
+        verb = (OBJECT_VERBS[miss.case],)
+        return [p for s in stories for rule, p, allowed in _rule_prefixes(s) if rule == "object_verb" and allowed == verb]
+    # name_recall: a later mention of the name that opens a sentence (the query is ".")
+    return [s[:m.start() + 1] for s in stories if f"named {miss.case}" in s
+            for m in re.finditer(rf"\. {miss.case}\b", s) if m.start() > s.index(f"named {miss.case}")]
+
+
+def check_misses(model: Any, results: dict[str, RuleResult], n_stories: int = 60, per_case: int = 8,
+                 lowercase: bool = True) -> None:
+    """For every miss, hide the trigger and, separately, the token the weights named, in real
+    held-out sentences: the data sides with the weights when hiding their token moves the target
+    more. Adds a line per miss to the details and counts `misses_data_agrees`."""
+    stories = generate_stories(n_stories, seed=10_000)
+    norm = (lambda t: t.lower()) if lowercase else (lambda t: t)
+    ids = lambda labels: [model.to_single_token(t) for t in labels]
+    for result in results.values():
+        result.misses_data_agrees = 0
+        for miss in result.misses:
+            vec = torch.zeros(model.cfg.d_vocab)
+            a, b = ids(miss.target[0]), ids(miss.target[1])
+            vec[a] += 1 / len(a)
+            vec[b] -= 1 / len(b)
+            texts = [norm(t) for t in _miss_prefixes(miss, stories)][:per_case]
+            if not texts:
+                result.details.append(f"data check, {miss.case}: no held-out position")
+                continue
+            trig = sum(hiding_effect(model, t, miss.trigger, vec) for t in texts) / len(texts)
+            named = sum(hiding_effect(model, t, miss.named, vec) for t in texts) / len(texts)
+            result.misses_data_agrees += named > trig
+            result.details.append(
+                f"data check, {miss.case}: hiding {miss.trigger!r} moves the target {trig:+.2f}, hiding {miss.named!r} "
+                f"{named:+.2f} (mean over {len(texts)} held-out positions): the data sides with the "
+                f"{'weights' if named > trig else 'rule'}")
+
+
 def evaluate(model: Any, n_stories: int = 100, lowercase: bool = True, competitors: float = 1.0) -> dict[str, RuleResult]:
-    """Behaviour and weight-only recall of every planted rule."""
+    """Behaviour and weight-only recall of every planted rule, and the weights' misses checked on
+    real sentences."""
     results = weight_recall(model, lowercase=lowercase, competitors=competitors)
     for rule, (acc, n) in behaviour(model, n_stories=n_stories, lowercase=lowercase).items():
         results[rule].behaviour, results[rule].n_positions = acc, n
+    check_misses(model, results, lowercase=lowercase)
     return results

@@ -1,5 +1,7 @@
 """The planted-rule benchmark's bookkeeping: which positions each rule decides, and how cases count."""
 
+import pytest
+
 from training.rule_recall import RULES, _rule_prefixes, behaviour, gender_sides
 from training.stories import CONJUNCTION_ANSWERS, FEELINGS, NAME_GENDER, OBJECT_VERBS, generate_stories
 
@@ -65,3 +67,33 @@ def test_weight_recall_reads_every_rule_from_a_model(tokenizer):
     for rule, r in results.items():
         assert 0.0 <= r.recall <= 1.0 and r.details, rule
     assert "interaction of ' not' with" in results["negation"].details[0]
+
+    # Misses are checked on real sentences: one line per miss, and a count of those the data backs.
+    from training.rule_recall import Miss, check_misses
+
+    verbs = [" " + v for v in OBJECT_VERBS.values()]
+    results["object_verb"].misses = [Miss("object_verb", "ball", ([" kicked"], [v for v in verbs if v != " kicked"]),
+                                          " ball", " found")]
+    before = len(results["object_verb"].details)
+    check_misses(model, {"object_verb": results["object_verb"]}, n_stories=10, per_case=2)
+    line = results["object_verb"].details[before]
+    assert len(results["object_verb"].details) == before + 1 and line.startswith("data check, ball: hiding ' ball'")
+    assert results["object_verb"].misses_data_agrees == (line.endswith("weights"))
+
+
+def test_hiding_the_first_token_is_the_model_without_it():
+    """No position attends to a hidden one; hiding position 0 leaves every other relative offset
+    as it was, so it is exactly the model on the rest of the sequence."""
+    import torch
+
+    from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer
+    from training.rule_recall import hidden_readout
+
+    model = HookedBilinearTransformer(HookedBilinearConfig(d_model=32, d_head=8, n_layers=2, n_ctx=16, d_vocab=40,
+                                                           d_mlp=64, seed=2)).eval()
+    tokens = torch.tensor([[5, 9, 12, 3, 7]])
+    vec = torch.randn(40)
+    with torch.no_grad():
+        truth = float(model(tokens[:, 1:])[0, -1] @ vec)
+    assert hidden_readout(model, tokens, [0], vec) == pytest.approx(truth, rel=1e-4, abs=1e-5)
+    assert hidden_readout(model, tokens, [2], vec) != pytest.approx(float(model(tokens)[0, -1] @ vec), abs=1e-6)
