@@ -22,7 +22,8 @@ Modules, in the order a reader can follow (each imports only modules above it):
    truncation.py    truncated MLPs in the model, the truncation sweep
    sae.py, sae_features.py, sae_report.py, sae_training.py   SAE features as MLP inputs and outputs
 3. Circuit finding:
-   virtual_context.py  the query position run through every layer with a few key tokens
+   virtual_context.py  the query position run through every layer with a few key tokens, one
+                    placement at a time (a token's mean effect, a pair's exact interaction)
    evidence.py      which context tokens push a logit target, through which heads and MLPs
    graph.py, find.py   the circuit DAG and the backward walk that builds it
 4. report.py        `hooked-bilinear circuits`: the markdown report
@@ -45,7 +46,7 @@ from .paths import TopPairs, pair_terms, top_pair_entries
 from .mlp_paths import PathPair, PathTerms, TokenPath, mlp_path_terms, rank_path_pairs, token_paths
 from .attention import QKPreferences, composition_score, offset_attention, ov_matrices, qk_preferences, qk_scores
 from .token_view import TokenView, token_view
-from .virtual_context import virtual_readout
+from .virtual_context import expected_interaction, expected_readout, virtual_readout
 from .evidence import PairEvidence, TokenEvidence, key_attention, token_evidence
 from .mlp import eigen_readout_correlation
 from .readout import live_token_ids, live_token_mask
