@@ -24,7 +24,9 @@ For each planted rule of `training.stories` this module measures two things:
                   asked after the time word (the query)      word for that answer has more evidence than
                                                              the other temp word (which one wins flips
                                                              with the query: the interaction); the
-                                                             details also count top-token hits
+                                                             details also count top-token hits and give
+                                                             the size of the flip (the four cases are two
+                                                             sign tests: chance passes 1 model in 4)
   name_recall     the name - the other names, after "."       the name itself (an earlier mention) is the
                                                               top evidence token: copying
   ==============  =========================================  ============================================
@@ -214,7 +216,7 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
                                  f"{sorted(set(NAME_GENDER) - set(right))}; uncentred sign right for "
                                  f"{sum((v > 0) == (NAME_GENDER[n] == 'she') for n, v in values.items())}/{len(NAME_GENDER)}"])
 
-    details, hits, top_hits = [], 0, 0
+    details, hits, top_hits, gaps = [], 0, 0, {}
     answers = sorted(set(CONJUNCTION_ANSWERS.values()))
     temps = sorted({t for t, _ in CONJUNCTION_ANSWERS})
     for (temp, time), answer in sorted(CONJUNCTION_ANSWERS.items()):
@@ -227,10 +229,17 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
         # default answer (cold after 'morning' -> walk, nothing special for swim).
         evidence = {t: float(e.total[e.labels.index(w(t))]) for t in temps}
         hits += evidence[temp] == max(evidence.values())
+        gaps[time, answer] = evidence[temps[0]] - evidence[temps[1]]
         top_hits += top[0][0] == w(temp)
         details.append(f"{answer!r} after {time!r}: evidence {({t: round(v, 2) for t, v in evidence.items()})} "
                        f"(want {temp!r} highest); top evidence {[t for t, _ in top]}")
     details.append(f"top evidence token is the rule's temp word in {top_hits}/{len(CONJUNCTION_ANSWERS)}")
+    # The four cases are two sign tests (a target and its negation share a query), so a model that has
+    # learned nothing passes by chance 1 time in 4; the size of the flip is what tells them apart.
+    times = sorted({t for _, t in CONJUNCTION_ANSWERS})
+    flip = abs(gaps[times[0], answers[0]] - gaps[times[1], answers[0]])
+    details.append(f"{temps[0]!r} - {temps[1]!r} evidence for {answers[0]!r} - {answers[1]!r}: {gaps[times[0], answers[0]]:+.2f} "
+                   f"after {times[0]!r}, {gaps[times[1], answers[0]]:+.2f} after {times[1]!r} (they differ by {flip:.2f} logits)")
     out["conjunction"] = RuleResult("conjunction", nan, 0, hits / len(CONJUNCTION_ANSWERS), len(CONJUNCTION_ANSWERS), details)
 
     names = [w(n) for n in NAME_GENDER]

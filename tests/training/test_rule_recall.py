@@ -67,6 +67,7 @@ def test_weight_recall_reads_every_rule_from_a_model(tokenizer):
     for rule, r in results.items():
         assert 0.0 <= r.recall <= 1.0 and r.details, rule
     assert "interaction of ' not' with" in results["negation"].details[0]
+    assert "they differ by" in results["conjunction"].details[-1]
 
     # Misses are checked on real sentences: one line per miss, and a count of those the data backs.
     from training.rule_recall import Miss, check_misses
