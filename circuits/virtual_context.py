@@ -65,12 +65,12 @@ def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Te
     # Each row scores every live key at every offset ([offsets, rows, heads, n_live] logits): keep
     # that under ~2^25 numbers. The cost grows as n_live^2, so whole-vocabulary evidence is meant for
     # small vocabularies (the built-in corpus); for a 32k vocabulary pass a live mask of a few thousand.
-    per_row = max(1, len(offsets) * model.cfg.n_heads * view.ids.numel())
-    chunk = max(1, min(chunk, 2 ** 25 // per_row))
     if key_offsets is not None:
         if len(key_offsets) != keys.shape[1]:
             raise ValueError(f"{len(key_offsets)} key offsets for {keys.shape[1]} key slots")
         offsets = sorted(set(key_offsets))
+    per_row = max(1, len(offsets) * model.cfg.n_heads * view.ids.numel())
+    chunk = max(1, min(chunk, 2 ** 25 // per_row))
     out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets, blocked, key_offsets)
            for s in range(0, keys.shape[0], chunk)]
     return torch.cat(out) if out else u.new_zeros(0)
