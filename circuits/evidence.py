@@ -98,13 +98,16 @@ class TokenEvidence:
     routes: dict[str, Tensor] = field(default_factory=dict)
     attention: dict[str, Tensor] = field(default_factory=dict)
     pairs: list[PairEvidence] = field(default_factory=list)
-    carriers: dict[str, Tensor] = field(default_factory=dict)  # head -> [n]: evidence lost when it cannot see the token
+    carriers: dict[str, Tensor] = field(default_factory=dict)  # head -> [n]: evidence lost when it cannot see the token (NaN: not measured)
     plausibility: Optional[Tensor] = None  # [n], in (0, 1]
 
     def carrier(self, token: str) -> tuple[str, float]:
         """The head that carries most of a token's evidence (all its routes and chains), and how
         much of it is lost when that head cannot attend to the token."""
         i = self.labels.index(token)
+        if not self.carriers or torch.isnan(next(iter(self.carriers.values()))[i]):
+            raise ValueError(f"no carriers were measured for {token!r}: token_evidence measures them for its "
+                             f"top tokens only (raise n_carriers)")
         name = max(self.carriers, key=lambda h: float(self.carriers[h][i]) * (1 if self.total[i] >= 0 else -1))
         return name, float(self.carriers[name][i])
 
@@ -136,8 +139,12 @@ class TokenEvidence:
                  "|---|---|---|---|---|"]
         for tok, value in self.top_tokens(n):
             routes = ", ".join(f"{name} {v:+.2f}" for name, v in self.breakdown(tok))
-            head, lost = self.carrier(tok) if self.carriers else ("", 0.0)
-            lines.append(f"| `{tok!r}` | {value:+.3f} | {self._plausibility(tok):.2f} | {head} ({lost:+.2f}) | {routes} |")
+            try:
+                head, lost = self.carrier(tok)
+                carried = f"{head} ({lost:+.2f})"
+            except ValueError:
+                carried = "(not measured)"
+            lines.append(f"| `{tok!r}` | {value:+.3f} | {self._plausibility(tok):.2f} | {carried} | {routes} |")
         if self.pairs:
             lines += ["", "| pair | interaction | x plausibilities (ranked by) | inside |", "|---|---|---|---|"]
             for p in self.pairs[:n]:
@@ -195,13 +202,14 @@ def _final_scale(model: Any, resid: Tensor) -> Tensor:
 @torch.no_grad()
 def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = None, live: Live = None,
                    competitors: float = 1.0, offsets: Sequence[int] = CONTEXT_WINDOW, n_pairs: int = 10,
-                   view: Optional[TokenView] = None, context_prior: bool = True) -> TokenEvidence:
+                   view: Optional[TokenView] = None, context_prior: bool = True, n_carriers: int = 16) -> TokenEvidence:
     """Evidence of every live context token for `target`, from the weights alone (module docstring).
 
     target: a token (str or id) or set of tokens -> its (mean) logit; a pair (a, b) -> the logit
     difference a - b. query: the token the prediction follows (default: the live token after which
     the target's tokens are most likely). competitors: how many typical tokens each attended token
-    competes with. view: a precomputed `token_view(model, live)` (reuse it across targets)."""
+    competes with. view: a precomputed `token_view(model, live)` (reuse it across targets). n_carriers:
+    which head carries a token is measured for this many top tokens of each sign (NaN for the rest)."""
     check_bilinear(model)
     if isinstance(target, tuple) and len(target) == 2:
         a, b = _token_ids(model, target[0]), _token_ids(model, target[1])
@@ -279,12 +287,16 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     empty, single = alone[0], alone[1:] - alone[0]
     routes["chains and norms"] = single - torch.stack(list(routes.values())).sum(0)
     total = single
+    # What each head carries: the evidence lost when it cannot attend to the token. Measured for the
+    # tokens a reader sees (the top of both rankings): it costs a virtual readout per head and offset.
+    ranked = total * plausibility
+    k = min(n_carriers, n)
+    measured = torch.cat([ranked.topk(k).indices, (-ranked).topk(k).indices]).unique()
     carriers = {}
-    for l in range(L):  # what each head carries: the evidence lost when it cannot attend to the token
+    for l in range(L):
         for h in range(H):
-            blind = expected_readout(model, view, qi, torch.arange(n, device=view.ids.device)[:, None], u,
-                                     competitors, offsets, blocked=(l, h))
-            carriers[f"L{l}H{h}"] = single - (blind - empty)
+            blind = expected_readout(model, view, qi, measured[:, None], u, competitors, offsets, blocked=(l, h))
+            carriers[f"L{l}H{h}"] = torch.full_like(single, float("nan")).index_put_((measured,), single[measured] - (blind - empty))
     # Interactions: the bilinear pair terms, by score (each pair once, through its best heads).
     first_order.sort(key=lambda f: -f[0])
     pairs: list[PairEvidence] = []

@@ -48,6 +48,15 @@ def test_evidence_routes_add_up_and_pairs_are_bilinear_terms(tiny_model):
     assert set(e.carriers) == {f"L{l}H{h}" for l in range(2) for h in range(4)}
     head, lost = e.carrier(e.top_tokens(1)[0][0])
     assert head in e.carriers and lost == float(e.carriers[head][e.labels.index(e.top_tokens(1)[0][0])])
+    few = token_evidence(tiny_model, (5, [6, 7]), live="all", n_pairs=0, n_carriers=2)
+    measured = ~torch.isnan(few.carriers["L0H0"])
+    assert int(measured.sum()) == 4  # the top 2 of each sign
+    i = int(measured.nonzero()[0, 0])
+    full = token_evidence(tiny_model, (5, [6, 7]), live="all", n_pairs=0)
+    assert float(few.carriers["L1H2"][i]) == pytest.approx(float(full.carriers["L1H2"][i]), abs=1e-5)
+    with pytest.raises(ValueError, match="n_carriers"):
+        few.carrier(few.labels[int((~measured).nonzero()[0, 0])])
+    assert "(not measured)" in few.to_markdown(n=10)
     assert len(e.pairs) == 4 and e.pairs[0].value >= e.pairs[-1].value
     assert all(p.token_s != p.token_t and 2 <= int(p.token_s) < 40 for p in e.pairs)
     assert "| pair | interaction |" in e.to_markdown()
