@@ -28,7 +28,7 @@ real context); `expected_readout` averages a key's readout over the offsets it m
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -41,25 +41,33 @@ def _norm(model: Any, module: Any, x: Tensor) -> Tensor:
     return module(x[:, None])[:, 0]
 
 
-def _rotate(model: Any, layer: int, t: Tensor, position: int) -> Tensor:
-    """Rotary rotation of per-head vectors t [m, H, d_head] to `position` (identity without rotary)."""
+def _rotate(model: Any, layer: int, t: Tensor, position: Union[int, Tensor]) -> Tensor:
+    """Rotary rotation of per-head vectors t [m, H, d_head] to `position` (an int, or [m] per row;
+    identity without rotary)."""
     if model.cfg.positional_embedding_type != "rotary":
         return t
     rotary = model.blocks[layer].attn.rotary
-    return rotary(t[:, None], torch.full((t.shape[0], 1), position, dtype=torch.long, device=t.device))[:, 0]
+    if isinstance(position, Tensor):
+        positions = position.to(device=t.device, dtype=torch.long)[:, None]
+    else:
+        positions = torch.full((t.shape[0], 1), position, dtype=torch.long, device=t.device)
+    return rotary(t[:, None], positions)[:, 0]
 
 
 @torch.no_grad()
 def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
                     competitors: float = 1.0, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048,
-                    blocked: Optional[tuple[int, int]] = None, key_offsets: Optional[Sequence[int]] = None) -> Tensor:
+                    blocked: Optional[tuple[int, int]] = None, key_offsets: Optional[Sequence[int]] = None,
+                    row_offsets: Optional[Tensor] = None) -> Tensor:
     """`u . ln_final(resid)` at the query, for each row of virtual key tokens: [m].
 
     query: index into `view.ids`; keys: [m, k] indices into `view.ids` (-1: no token in that slot);
     u: [d_model] (a direction that includes the final norm's gain, e.g. `unembed_direction`);
     blocked: (layer, head) that may not attend to the key tokens (what that head carries);
     key_offsets: [k], slot j sits exactly key_offsets[j] before the query (instead of every key at
-    its best offset in `offsets`; typical competitors then sit at those offsets, equally)."""
+    its best offset in `offsets`; typical competitors then sit at those offsets, equally);
+    row_offsets: [m], every key (and typical competitor) of row i sits row_offsets[i] before the query
+    (many single-offset readouts in one pass)."""
     if keys.ndim != 2:
         raise ValueError(f"keys must be [m, k] indices into the live tokens (-1 for none), got {tuple(keys.shape)}")
     # Each row scores every live key at every offset ([offsets, rows, heads, n_live] logits): keep
@@ -69,16 +77,21 @@ def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Te
         if len(key_offsets) != keys.shape[1]:
             raise ValueError(f"{len(key_offsets)} key offsets for {keys.shape[1]} key slots")
         offsets = sorted(set(key_offsets))
+    if row_offsets is not None:
+        if key_offsets is not None or row_offsets.shape != (keys.shape[0],):
+            raise ValueError(f"row_offsets must be [m] = [{keys.shape[0]}] and cannot go with key_offsets")
+        offsets = [1]  # one offset per row
     per_row = max(1, len(offsets) * model.cfg.n_heads * view.ids.numel())
     chunk = max(1, min(chunk, 2 ** 25 // per_row))
-    out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets, blocked, key_offsets)
+    out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets, blocked, key_offsets,
+                          None if row_offsets is None else row_offsets[s:s + chunk])
            for s in range(0, keys.shape[0], chunk)]
     return torch.cat(out) if out else u.new_zeros(0)
 
 
 def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float,
                    offsets: Sequence[int], blocked: Optional[tuple[int, int]] = None,
-                   key_offsets: Optional[Sequence[int]] = None) -> Tensor:
+                   key_offsets: Optional[Sequence[int]] = None, row_offsets: Optional[Tensor] = None) -> Tensor:
     cfg = model.cfg
     m, n_keys = keys.shape
     dtype = view.resid[0].dtype
@@ -105,10 +118,14 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
         k_all = torch.einsum("nd,hdk->nhk", xk, W_K) + b_K  # [n, H, dh]
         v_all = torch.einsum("nd,hdk->nhk", xk, W_V) + b_V
         k_rot = _rotate(model, l, k_all, q_pos - max(offsets))
-        by_offset = torch.stack([
-            torch.einsum("mhk,nhk->mhn", _rotate(model, l, q, q_pos - max(offsets) + o), k_rot)
-            for o in offsets]) * scale  # [O, m, H, n]
-        if key_offsets is None:  # every key (and competitor) at its best offset
+        if row_offsets is not None:  # row i: every key at offset row_offsets[i]
+            q_rows = _rotate(model, l, q, q_pos - max(offsets) + row_offsets)
+            by_offset = torch.einsum("mhk,nhk->mhn", q_rows, k_rot)[None] * scale  # [1, m, H, n]
+        else:
+            by_offset = torch.stack([
+                torch.einsum("mhk,nhk->mhn", _rotate(model, l, q, q_pos - max(offsets) + o), k_rot)
+                for o in offsets]) * scale  # [O, m, H, n]
+        if key_offsets is None:  # every key (and competitor) at its best offset (or its row's)
             logits = by_offset.amax(0)  # [m, H, n]
             shift = torch.maximum(logits.amax(-1), s_self)  # [m, H]
             w_all = (logits - shift[..., None]).exp()  # [m, H, n]
@@ -153,11 +170,11 @@ def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: T
         weights = torch.full((len(offsets),), 1.0 / len(offsets))
     if len(weights) != len(offsets):
         raise ValueError(f"{len(weights)} weights for {len(offsets)} offsets")
-    total = None
-    for o, w in zip(offsets, weights.tolist()):
-        r = w * virtual_readout(model, view, query, keys, u, competitors, (o,), blocked=blocked)
-        total = r if total is None else total + r
-    return total
+    m = keys.shape[0]
+    rows = keys.repeat(len(offsets), 1)  # offset-major: rows [o * m + i]
+    at = torch.tensor(offsets, device=keys.device).repeat_interleave(m)
+    f = virtual_readout(model, view, query, rows, u, competitors, blocked=blocked, row_offsets=at)
+    return (weights.to(f)[:, None] * f.view(len(offsets), m)).sum(0)
 
 
 @torch.no_grad()
