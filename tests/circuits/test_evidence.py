@@ -121,6 +121,8 @@ def test_pinned_key_offsets_are_the_model_on_three_tokens(overrides):
     assert float(swapped[0]) == pytest.approx(truth, rel=1e-4, abs=1e-5)
     with pytest.raises(ValueError, match="key offsets"):
         virtual_readout(model, view, q, torch.tensor([[b, c]]), u, key_offsets=(1,))
+    with pytest.raises(ValueError, match="row_offsets"):
+        virtual_readout(model, view, q, torch.tensor([[b, c]]), u, row_offsets=torch.tensor([1, 2]))
 
 
 def test_evidence_is_the_mean_over_placements(tiny_model):
