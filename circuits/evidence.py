@@ -20,11 +20,11 @@ before the query (`offsets`). One position at a time, seen by every head from th
 context: models have heads that read a fixed distance (one 2-layer model here reads names 1-6
 tokens back with one head and 12-16 back with another, and only the far reading copies the name),
 and letting each head see the token at its own best offset at once mixed the two. It is split
-into first-order **routes**: straight into
-the final residual through each head (the OV path), and through each MLP where the token meets the
-query's own residual and itself (`2 x_b^T Q x_q + x_b^T Q x_b`); "chains and norms" holds the rest
-(effects that pass through more than one layer, and the norms' rescaling). Which head *carries* a
-token is measured the same exact way: the evidence lost when that head cannot attend to it. Two tokens together also
+into first-order **routes**: straight into the final residual through each head (the OV path), and
+through each MLP where the token meets the query's own residual and itself
+(`2 x_b^T Q x_q + x_b^T Q x_b`); "chains and norms" holds the rest (effects that pass through more
+than one layer, and the norms' rescaling). Which head *carries* a token is measured the same exact
+way: the evidence lost when that head cannot attend to it. Two tokens together also
 **interact** inside a bilinear MLP: `2 x_s^T Q(u) x_t` for tokens brought by two routes -- a head
 (`L1H2`), or a head and then an earlier MLP that turned the token into a feature at the query
 (`L0H1>MLP0`: MLP 0's output with the token minus without) -- ranked over every pair of routes and
