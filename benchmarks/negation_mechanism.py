@@ -63,17 +63,15 @@ def not_effect(model, target: str, context: str, name: str, pronoun: str, knocko
     return values[0] - values[1]
 
 
-def direction(model, feeling: str, double: bool):
-    """u_f, or D_f = u_f - mean of u_g over the other feelings, as a vector over the vocabulary."""
+def double_difference(model, feeling: str):
+    """D_f = u_f - mean of u_g over the other feelings, as a vector over the vocabulary."""
+    from training.rule_recall import vocab_difference
     from training.stories import FEELINGS
 
-    def u(name):
-        f, vec = FEELINGS[name], torch.zeros(model.cfg.d_vocab)
-        vec[[model.to_single_token(" " + w) for w in f.negative]] += 1 / len(f.negative)
-        vec[[model.to_single_token(" " + w) for w in f.positive]] -= 1 / len(f.positive)
-        return vec
+    u = lambda name: vocab_difference(model, [" " + w for w in FEELINGS[name].negative],
+                                      [" " + w for w in FEELINGS[name].positive])
     others = [g for g in FEELINGS if g != feeling]
-    return u(feeling) - sum(u(g) for g in others) / len(others) if double else u(feeling)
+    return u(feeling) - sum(u(g) for g in others) / len(others)
 
 
 def pair_interaction(model, target: str, context: str, name: str, pronoun: str) -> float:
@@ -84,7 +82,7 @@ def pair_interaction(model, target: str, context: str, name: str, pronoun: str) 
     at_not, at_g = strs.index(" not"), strs.index(" " + context)
     from training.rule_recall import hidden_readout
 
-    vec = direction(model, target, double=True)
+    vec = double_difference(model, target)
     f = lambda hidden: hidden_readout(model, tokens, hidden, vec)
     return f([]) - f([at_not]) - f([at_g]) + f([at_not, at_g])
 

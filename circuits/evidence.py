@@ -17,9 +17,9 @@ position in a virtual context of the query, the token and typical filler, minus 
 the token (`circuits.virtual_context`: every layer, every chain -- a layer-0 head feeding MLP 0
 feeding MLP 1 -- computed from the weights), averaged over the token sitting 1, 2, ..., 16 tokens
 before the query (`offsets`). One position at a time, seen by every head from there, as in a real
-context: models have heads that read a fixed distance (one 2-layer model here reads names 1-6
-tokens back with one head and 12-16 back with another, and only the far reading copies the name),
-and letting each head see the token at its own best offset at once mixed the two. It is split
+context: heads read at preferred distances and what a token does can depend on where it sits (a
+name one token before a "." can say the next name is someone else), and letting each head see the
+token at its own best offset at once mixed placements no context holds. It is split
 into first-order **routes**: straight into the final residual through each head (the OV path), and
 through each MLP where the token meets the query's own residual and itself
 (`2 x_b^T Q x_q + x_b^T Q x_b`); "chains and norms" holds the rest (effects that pass through more

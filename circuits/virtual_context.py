@@ -163,8 +163,8 @@ def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: T
 
     A real context holds a token at one position, seen by every head from there; `virtual_readout`
     with several offsets lets each head see a key at its own best offset at once, which overstates
-    heads that read a fixed distance (a head that reads names 1-6 tokens back and one that reads
-    them 12-16 back can do opposite things with them)."""
+    heads that read a fixed distance (two heads reading the same token at different distances can
+    do opposite things with it)."""
     offsets = [o for o in offsets if 0 < o < model.cfg.n_ctx] or [1]
     if weights is None:
         weights = torch.full((len(offsets),), 1.0 / len(offsets))

@@ -164,7 +164,7 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
     from circuits.directions import logit_diff_direction
     from circuits.evidence import token_evidence
     from circuits.token_view import token_view
-    from circuits.virtual_context import expected_interaction
+    from circuits.virtual_context import expected_interaction, virtual_readout
 
     view = token_view(model)
     w = lambda word: _tok(model, word, lowercase)
@@ -248,6 +248,7 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
     # Copying, asked where a sentence starts ("." is the query: most later mentions open a sentence;
     # the default query would be "named", after which the name is new and cannot be copied).
     period = model.to_string([model.tokenizer(".")["input_ids"][0]])
+    by_distance: dict[int, list[float]] = {o: [] for o in (1, 2, 4, 8, 12, 16)}
     for corpus_name, name in zip(NAME_GENDER, names):  # a name in the context pushes that name over the others
         others = [x for x in names if x != name]
         e = token_evidence(model, (name, others), query=period, view=view, competitors=competitors, n_pairs=0)
@@ -256,9 +257,18 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
         if top != name:
             misses.append(Miss("name_recall", corpus_name, ([name], others), name, top))
             details.append(f"{name!r}: top evidence {top!r} (query {e.query!r})")
+        # Its evidence for itself at single distances (the evidence above is the mean over 1-16).
+        if name in e.labels:
+            u = logit_diff_direction(model, [model.to_single_token(name)], [model.to_single_token(x) for x in others])
+            keys = torch.tensor([[-1], [e.labels.index(name)]], device=view.ids.device)
+            for o in by_distance:
+                r = virtual_readout(model, view, view.index(e.query_id), keys, u.to(view.resid[0].dtype), competitors, (o,))
+                by_distance[o].append(float(r[1] - r[0]))
+    distance_line = ("a name's own evidence by how far back it sits (mean over the live names): "
+                     + ", ".join(f"{o}: {sum(v) / max(len(v), 1):+.2f}" for o, v in by_distance.items()))
     out["name_recall"] = RuleResult("name_recall", nan, 0, hits / len(names), len(names),
                                     [f"copying: {hits}/{len(names)} names are their own top evidence"] + details
-                                    + [f"induction check: {induction.details[0]}"], misses)
+                                    + [distance_line, f"induction check: {induction.details[0]}"], misses)
     return out
 
 
@@ -309,12 +319,25 @@ def hidden_readout(model: Any, tokens: Tensor, hidden: Sequence[int], vec: Tenso
     return float(model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1] @ vec.to(model.W_U.device))
 
 
-def hiding_effect(model: Any, text: str, label: str, vec: Tensor) -> float:
-    """How much `logits . vec` after `text` drops when every occurrence of the token `label` is
-    hidden from attention (0 when the token is not in the context)."""
+def vocab_difference(model: Any, a: Sequence[str], b: Sequence[str]) -> Tensor:
+    """The vocabulary vector of `mean logit(a) - mean logit(b)` (token labels): [d_vocab]."""
+    vec = torch.zeros(model.cfg.d_vocab)
+    vec[[model.to_single_token(t) for t in a]] += 1 / len(a)
+    vec[[model.to_single_token(t) for t in b]] -= 1 / len(b)
+    return vec
+
+
+def hiding_effects(model: Any, text: str, labels: Sequence[str], vec: Tensor) -> list[float]:
+    """For each token label, how much `logits . vec` after `text` drops when every occurrence of
+    that token is hidden from attention (0 when the token is not in the context)."""
     tokens = model.to_tokens(text, prepend_bos=False)[:, -model.cfg.n_ctx:]
-    where = [i for i, s in enumerate(model.to_str_tokens(tokens[0])) if s == label]
-    return hidden_readout(model, tokens, [], vec) - hidden_readout(model, tokens, where, vec) if where else 0.0
+    strs = model.to_str_tokens(tokens[0])
+    full = hidden_readout(model, tokens, [], vec)
+    out = []
+    for label in labels:
+        where = [i for i, s in enumerate(strs) if s == label]
+        out.append(full - hidden_readout(model, tokens, where, vec) if where else 0.0)
+    return out
 
 
 def _miss_prefixes(miss: Miss, stories: Sequence[str]) -> list[str]:
@@ -334,20 +357,16 @@ def check_misses(model: Any, results: dict[str, RuleResult], n_stories: int = 60
     more. Adds a line per miss to the details and counts `misses_data_agrees`."""
     stories = generate_stories(n_stories, seed=10_000)
     norm = (lambda t: t.lower()) if lowercase else (lambda t: t)
-    ids = lambda labels: [model.to_single_token(t) for t in labels]
     for result in results.values():
         result.misses_data_agrees = 0
         for miss in result.misses:
-            vec = torch.zeros(model.cfg.d_vocab)
-            a, b = ids(miss.target[0]), ids(miss.target[1])
-            vec[a] += 1 / len(a)
-            vec[b] -= 1 / len(b)
+            vec = vocab_difference(model, *miss.target)
             texts = [norm(t) for t in _miss_prefixes(miss, stories)][:per_case]
             if not texts:
                 result.details.append(f"data check, {miss.case}: no held-out position")
                 continue
-            trig = sum(hiding_effect(model, t, miss.trigger, vec) for t in texts) / len(texts)
-            named = sum(hiding_effect(model, t, miss.named, vec) for t in texts) / len(texts)
+            effects = torch.tensor([hiding_effects(model, t, (miss.trigger, miss.named), vec) for t in texts])
+            trig, named = effects.mean(0).tolist()
             result.misses_data_agrees += named > trig
             result.details.append(
                 f"data check, {miss.case}: hiding {miss.trigger!r} moves the target {trig:+.2f}, hiding {miss.named!r} "

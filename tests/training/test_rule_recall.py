@@ -68,6 +68,7 @@ def test_weight_recall_reads_every_rule_from_a_model(tokenizer):
         assert 0.0 <= r.recall <= 1.0 and r.details, rule
     assert "interaction of ' not' with" in results["negation"].details[0]
     assert "they differ by" in results["conjunction"].details[-1]
+    assert any(d.startswith("a name's own evidence by how far back") for d in results["name_recall"].details)
 
     # Misses are checked on real sentences: one line per miss, and a count of those the data backs.
     from training.rule_recall import Miss, check_misses
