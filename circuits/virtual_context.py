@@ -10,8 +10,10 @@ once by running the query's position layer by layer:
   model's own norms and MLPs, on the simulated residual);
 * head h of layer l attends from the query (its current simulated residual, so a token that an
   earlier layer brought changes where later heads look: Q-composition) to itself (offset 0), to each
-  key token (at the best offset in `offsets`), and to `competitors` typical tokens (drawn by training
-  frequency; their attention-weighted mean value stands in for them);
+  key token (at the best offset in `offsets`), and to `competitors` copies of a typical token j
+  drawn by training frequency; the head's output is averaged over that draw (each head draws on
+  its own), so a rarely present token that takes all attention when there dims the keys only
+  in the contexts that hold it;
 * a key token is seen through its effective embedding (`circuits.token_view`): what the model builds
   for the token alone, which is exactly what the model holds at that position when the key is the
   first token of the sequence.
@@ -128,27 +130,30 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
         if key_offsets is None:  # every key (and competitor) at its best offset (or its row's)
             logits = by_offset.amax(0)  # [m, H, n]
             shift = torch.maximum(logits.amax(-1), s_self)  # [m, H]
-            w_all = (logits - shift[..., None]).exp()  # [m, H, n]
+            w_all = (logits - shift[..., None]).exp()[None]  # [1, m, H, n]
             s_keys = logits.gather(-1, safe[:, None, :].expand(m, logits.shape[1], n_keys))  # [m, H, k]
-        else:  # slot j at its own offset; competitors spread evenly over those offsets
+        else:  # slot j at its own offset; a competitor at any of those offsets, equally likely
             shift = torch.maximum(by_offset.amax((0, -1)), s_self)
-            w_all = (by_offset - shift[..., None]).exp().mean(0)
+            w_all = (by_offset - shift[..., None]).exp()  # [O, m, H, n]
             slot = torch.tensor([offsets.index(o) for o in key_offsets], device=keys.device)
             rows = torch.arange(m, device=keys.device)
             s_keys = torch.stack([by_offset[slot[j], rows, :, safe[:, j]] for j in range(n_keys)], -1)  # [m, H, k]
-        # Typical competitors: frequency-weighted, their attention-weighted mean value.
-        typical_mass = competitors * torch.einsum("mhn,n->mh", w_all, freq)
-        typical_value = torch.einsum("mhn,n,nhk->mhk", w_all, freq, v_all) / torch.einsum(
-            "mhn,n->mh", w_all, freq).clamp_min(1e-30)[..., None]
-        # The key tokens of each row.
+        # The query itself and the key tokens of each row.
         w_keys = (s_keys - shift[..., None]).exp() * present[:, None, :]
         if blocked is not None and blocked[0] == l:
             w_keys[:, blocked[1]] = 0.0
         w_self = (s_self - shift).exp()
-        total = w_self + typical_mass + w_keys.sum(-1)
         v_keys = v_all[safe]  # [m, k, H, dh]
-        z = (w_self[..., None] * v_self + typical_mass[..., None] * typical_value
-             + torch.einsum("mhk,mkhd->mhd", w_keys, v_keys)) / total[..., None]
+        known = w_self[..., None] * v_self + torch.einsum("mhk,mkhd->mhd", w_keys, v_keys)  # [m, H, dh]
+        known_mass = w_self + w_keys.sum(-1)  # [m, H]
+        # The competitors: `competitors` copies of one typical token j, drawn by training frequency.
+        # The head's output is averaged over the draw -- the expected attention share, not the share
+        # against an expected competitor: a token that takes all attention when present but is rarely
+        # present (a frequent name, for a head that reads names) must not dim every key.
+        share = 1.0 / (known_mass[None, ..., None] + competitors * w_all).clamp_min(1e-30)  # [O, m, H, n]
+        draw = freq / w_all.shape[0]
+        z = (known * torch.einsum("omhn,n->mh", share, draw)[..., None]
+             + competitors * torch.einsum("omhn,n,nhk->mhk", w_all * share, draw, v_all))
         x = x + torch.einsum("mhd,hdo->mo", z, W_O) + b_O
         x = x + block.mlp(_norm(model, block.ln2, x)[:, None])[:, 0]
     return _normalized(model, x) @ u.to(dtype)

@@ -249,8 +249,11 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) 
     # the default query would be "named", after which the name is new and cannot be copied).
     period = model.to_string([model.tokenizer(".")["input_ids"][0]])
     by_distance: dict[int, list[float]] = {o: [] for o in (1, 2, 4, 8, 12, 16)}
-    for corpus_name, name in zip(NAME_GENDER, names):  # a name in the context pushes that name over the others
-        others = [x for x in names if x != name]
+    # A name in the context pushes that name over the other names *of its gender*: which gender comes
+    # next is the pronoun rule's business (' her' rightly pushes every girl's name), copying decides
+    # among the names a pronoun cannot tell apart.
+    for corpus_name, name in zip(NAME_GENDER, names):
+        others = [x for c, x in zip(NAME_GENDER, names) if x != name and NAME_GENDER[c] == NAME_GENDER[corpus_name]]
         e = token_evidence(model, (name, others), query=period, view=view, competitors=competitors, n_pairs=0)
         top = e.top_tokens(1)[0][0]
         hits += top == name

@@ -145,3 +145,32 @@ def test_expected_interaction_does_not_depend_on_the_order_of_a_pair(tiny_model)
     assert torch.allclose(forward, backward, atol=1e-5) and float(forward.abs().max()) > 1e-4
     with pytest.raises(ValueError, match="two offsets"):
         expected_interaction(tiny_model, view, 11, torch.tensor([[3, 20]]), u, offsets=(1,))
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_a_typical_competitor_is_a_token_drawn_by_frequency(n_layers):
+    """With all the training frequency on one token j, the typical competitor *is* j: one competitor
+    one back and no key is the sequence [j, q], through every layer."""
+    model = HookedBilinearTransformer(tiny_config(seed=5, n_layers=n_layers)).eval()
+    view = token_view(model, live="all")
+    u = logit_diff_direction(model, 5, [6, 7])
+    q, j = 11, 20
+    view.frequency = torch.zeros_like(view.frequency)
+    view.frequency[view.index(j)] = 1.0
+    _, cache = model.run_with_cache(torch.tensor([[j, q]]))
+    truth = float(cache["ln_final.hook_normalized"][0, -1] @ u)
+    got = virtual_readout(model, view, q, torch.tensor([[-1]]), u, competitors=1.0, key_offsets=(1,))
+    assert float(got[0]) == pytest.approx(truth, rel=1e-4, abs=1e-5)
+
+
+def test_expected_share_averages_over_the_drawn_competitor():
+    """sum_j f_j w_b / (w_b + c w_j), and a rare key that would take all attention dims the others
+    only when it is drawn (the share against the *mean* competitor would be 1 / 11.99 here)."""
+    from circuits.evidence import expected_share
+
+    w = torch.tensor([[1.0, 1000.0, 0.5]])
+    f = torch.tensor([0.9, 0.01, 0.09])
+    got = expected_share(w, f, competitors=2.0)
+    brute = torch.tensor([[sum(f[j] * w[0, b] / (w[0, b] + 2.0 * w[0, j]) for j in range(3)) for b in range(3)]])
+    assert torch.allclose(got, brute)
+    assert float(expected_share(w, f, 1.0)[0, 0]) > 0.45
