@@ -16,7 +16,9 @@ Target: recall >= 0.95 for every rule a model has learned (behaviour >= 0.95). W
 another token than the trigger (object_verb, name_recall), the trigger and the named token are each
 hidden from attention in real held-out sentences (`training.rule_recall.check_misses`): the last
 column counts the misses where hiding the named token moves the target more -- the model really
-works that way, and the miss is the rule's reading, not the weights'.
+works that way, and the miss is the rule's reading, not the weights' -- and those where neither
+moves it by 1 logit: the model does not read the trigger for that case (it says the answer by
+default), so no trigger is there to name.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
             rows.append({"model": name, "layers": layers, "seed": seed, "seconds": round(time.time() - start, 1),
                          "rules": {r: {"behaviour": v.behaviour, "positions": v.n_positions, "recall": v.recall,
                                        "cases": v.n_cases, "details": v.details, "misses": len(v.misses),
-                                       "misses_data_agrees": v.misses_data_agrees} for r, v in results.items()},
+                                       "misses_data_agrees": v.misses_data_agrees,
+                                       "misses_trigger_unused": v.misses_trigger_unused} for r, v in results.items()},
                          "top2_correlation": corr})
             print(f"{name}: " + ", ".join(f"{r} {v.behaviour:.2f}/{v.recall:.2f}" for r, v in results.items()), flush=True)
 
@@ -131,14 +134,15 @@ def main(argv=None) -> int:
         frac = sum(x > 0.75 for x in c) / len(c)
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {statistics.median(c):.2f}, {frac:.0%} |")
     lines += ["", "| rule | models that learned it | mean recall on those | target met (>= 0.95) | "
-              "misses on those: where real sentences side with the weights |", "|---|---|---|---|---|"]
+              "misses on those: real sentences side with the weights / with neither |", "|---|---|---|---|---|"]
     for r in RULES:
         on = [row["rules"][r] for row in rows if row["rules"][r]["behaviour"] >= 0.95]
         learned = [v["recall"] for v in on]
         mean = sum(learned) / len(learned) if learned else float("nan")
         misses = sum(v.get("misses", 0) for v in on)
         agree = sum(v.get("misses_data_agrees", 0) for v in on)
-        checked = f"{agree} of {misses}" if r in ("object_verb", "name_recall") else "(read within the slot)"
+        unused = sum(v.get("misses_trigger_unused", 0) for v in on)
+        checked = f"{agree} / {unused} of {misses}" if r in ("object_verb", "name_recall") else "(read within the slot)"
         lines.append(f"| {r} | {len(learned)}/{len(rows)} | {mean:.2f} | "
                      f"{'yes' if learned and min(learned) >= 0.95 else ('n/a' if not learned else 'no')} | {checked} |")
     table = "\n".join(lines)

@@ -66,6 +66,7 @@ class RuleResult:
     details: list[str] = field(default_factory=list)  # one line per case: what the weights named
     misses: list["Miss"] = field(default_factory=list)  # cases where the weights named another token
     misses_data_agrees: int = 0  # of those, how many real sentences side with the weights (`check_misses`)
+    misses_trigger_unused: int = 0  # of those, how many the trigger does not drive either (`check_misses`)
 
     @property
     def learned(self) -> bool:
@@ -354,14 +355,16 @@ def _miss_prefixes(miss: Miss, stories: Sequence[str]) -> list[str]:
 
 
 def check_misses(model: Any, results: dict[str, RuleResult], n_stories: int = 60, per_case: int = 8,
-                 lowercase: bool = True) -> None:
+                 lowercase: bool = True, unused_below: float = 1.0) -> None:
     """For every miss, hide the trigger and, separately, the token the weights named, in real
-    held-out sentences: the data sides with the weights when hiding their token moves the target
-    more. Adds a line per miss to the details and counts `misses_data_agrees`."""
+    held-out sentences. The data sides with the weights when hiding their token moves the target
+    more; when neither moves it by `unused_below` logits, the model does not read the trigger for
+    this case at all (it predicts the answer by default, and the weights rightly name no trigger).
+    Adds a line per miss to the details and counts `misses_data_agrees` and `misses_trigger_unused`."""
     stories = generate_stories(n_stories, seed=10_000)
     norm = (lambda t: t.lower()) if lowercase else (lambda t: t)
     for result in results.values():
-        result.misses_data_agrees = 0
+        result.misses_data_agrees = result.misses_trigger_unused = 0
         for miss in result.misses:
             vec = vocab_difference(model, *miss.target)
             texts = [norm(t) for t in _miss_prefixes(miss, stories)][:per_case]
@@ -370,11 +373,15 @@ def check_misses(model: Any, results: dict[str, RuleResult], n_stories: int = 60
                 continue
             effects = torch.tensor([hiding_effects(model, t, (miss.trigger, miss.named), vec) for t in texts])
             trig, named = effects.mean(0).tolist()
-            result.misses_data_agrees += named > trig
+            if max(trig, named) < unused_below:
+                verdict = f"neither moves it by {unused_below:g} logit: the model does not read the trigger here"
+                result.misses_trigger_unused += 1
+            else:
+                verdict = f"the data sides with the {'weights' if named > trig else 'rule'}"
+                result.misses_data_agrees += named > trig
             result.details.append(
                 f"data check, {miss.case}: hiding {miss.trigger!r} moves the target {trig:+.2f}, hiding {miss.named!r} "
-                f"{named:+.2f} (mean over {len(texts)} held-out positions): the data sides with the "
-                f"{'weights' if named > trig else 'rule'}")
+                f"{named:+.2f} (mean over {len(texts)} held-out positions): {verdict}")
 
 
 def evaluate(model: Any, n_stories: int = 100, lowercase: bool = True, competitors: float = 1.0) -> dict[str, RuleResult]:
