@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=600, help="training steps per model (the demo uses 250)")
     p.add_argument("--n-stories", type=int, default=100, help="held-out stories for the behaviour measurement")
-    p.add_argument("--competitors", type=float, default=1.0, help="typical competitors per attended token")
+    p.add_argument("--competitors", type=float, default=None,
+                   help="typical competitors each head sees besides the query and the placed tokens "
+                        "(default: circuits.competitors.TYPICAL_COMPETITORS, 15)")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "hooked-bilinear-bench-rules"),
                    help="models and results (default outside the repository)")
     args = p.parse_args(argv)

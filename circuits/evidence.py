@@ -6,13 +6,14 @@ it is in the context, pushes u?". We answer it with a weight-only stand-in for a
 * the **query**: the token after which the target is predicted (the live token whose one-token
   next-token distribution puts the most mass on the target's tokens, or one you name);
 * each head of each layer attends from the query to a key token b with an **expected attention**
-  `p_h(b) = sum_j f_j e^{s(b)} / (e^{s(b)} + c e^{s(j)})`: the share b gets against `c` copies of a
-  typical competitor j drawn by its frequency f_j in the training text (`competitors`), averaged over
-  the draw (not the share against the mean competitor: a token that takes all attention when it is
-  there but is rarely there -- a frequent name, for a head that reads names -- would then dim every
-  key in every context), with `s` the head's QK logit between the query's and the key's effective
-  embeddings (`circuits.token_view`), averaged over the offsets in `offsets` (rotary models: the
-  token sits at each in turn);
+  `p_h(b) = E[e^{s(b)} / (e^{s(b)} + S)]`: the share b gets against `c` typical competitors drawn
+  independently by their frequency in the training text (`competitors`, by default the other 15
+  positions of the 16-token window; S is their summed e^s), averaged over the draws
+  (`circuits.competitors`) -- not the share against the mean competitor, which lets a token that
+  takes all attention when present but is rarely present (a frequent name, for a head that reads
+  names) dim every key in every context -- with `s` the head's QK logit between the query's and the
+  key's effective embeddings (`circuits.token_view`), averaged over the offsets in `offsets` (rotary
+  models: the token sits at each in turn);
 * what the head then writes is the key's effective embedding, normalized, through `diag(g) W_V W_O`.
 
 A token's **evidence** is what its presence adds to u at the query: the model at the query's
@@ -55,6 +56,7 @@ from torch import Tensor
 
 from .directions import logit_diff_direction, unembed_direction
 from .attention import ov_matrices
+from .competitors import TYPICAL_COMPETITORS, expected_share
 from .interaction import augment_input
 from .mlp import check_bilinear, interaction_matrix, mlp_weights
 from .paths import top_pair_entries
@@ -167,10 +169,10 @@ def _token_ids(model: Any, tokens: TokenSet) -> list[int]:
 
 @torch.no_grad()
 def key_attention(model: Any, view: TokenView, layer: int, head: int, query_index: int,
-                  offsets: Sequence[int] = DEFAULT_OFFSETS, competitors: float = 1.0,
+                  offsets: Sequence[int] = DEFAULT_OFFSETS, competitors: float = TYPICAL_COMPETITORS,
                   average: bool = False) -> Tensor:
     """Expected attention of head `layer`.`head` from the query (`view.ids[query_index]`) to every
-    live key token, against `competitors` copies of a typical key drawn by frequency, at the same offset (see the module
+    live key token, against `competitors` typical keys drawn by frequency, at the same offset (see the module
     docstring): [n]. The key sits at its best offset in `offsets` (rotary models), or with
     average=True at each offset in turn (the mean attention over them)."""
     gain = getattr(model.blocks[layer].ln1, "w", None)
@@ -193,21 +195,6 @@ def key_attention(model: Any, view: TokenView, layer: int, head: int, query_inde
     return expected_share(weight, view.frequency.float(), competitors).mean(0)
 
 
-def expected_share(weight: Tensor, frequency: Tensor, competitors: float) -> Tensor:
-    """The attention share of each key against `competitors` copies of one typical key j drawn by
-    `frequency`, averaged over the draw: `sum_j f_j w_b / (w_b + c w_j)` for weights w [..., n]
-    (exp of the scores): [..., n]. Not `w_b / (w_b + c E[w])`: a key that takes all attention when
-    present but is rarely present would dim every other key in every context."""
-    w = weight.reshape(-1, weight.shape[-1])
-    out = torch.empty_like(w)
-    step = max(1, 2 ** 24 // max(w.shape[-1], 1))
-    for r in range(w.shape[0]):
-        for s in range(0, w.shape[-1], step):
-            b = w[r, s:s + step, None]  # [keys, 1]
-            out[r, s:s + step] = (b / (b + competitors * w[r, None, :]).clamp_min(1e-30)) @ frequency
-    return out.reshape(weight.shape)
-
-
 def _final_scale(model: Any, resid: Tensor) -> Tensor:
     if model.cfg.normalization_type is None:
         return resid.new_ones(())
@@ -218,7 +205,7 @@ def _final_scale(model: Any, resid: Tensor) -> Tensor:
 
 @torch.no_grad()
 def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = None, live: Live = None,
-                   competitors: float = 1.0, offsets: Sequence[int] = CONTEXT_WINDOW, n_pairs: int = 10,
+                   competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = CONTEXT_WINDOW, n_pairs: int = 10,
                    view: Optional[TokenView] = None, context_prior: bool = True, n_carriers: int = 16) -> TokenEvidence:
     """Evidence of every live context token for `target`, from the weights alone (module docstring).
 

@@ -44,6 +44,7 @@ from .attention import ov_matrices, qk_preferences
 from .directions import head_directions, logit_diff_direction, unembed_direction
 from .graph import CircuitEdge, CircuitGraph, CircuitNode
 from .mlp import check_bilinear, check_layer, eigendecompose
+from .competitors import TYPICAL_COMPETITORS
 from .evidence import key_attention
 from .readout import Live, TopTokens, live_token_ids, normalized_embeddings, token_label, top_tokens
 from .token_view import TokenView, token_view
@@ -328,7 +329,7 @@ def find_circuit(
     read_at: Optional[int] = None,
     live: Live = None,
     query: Optional[Union[int, str]] = None,
-    competitors: float = 1.0,
+    competitors: float = TYPICAL_COMPETITORS,
 ) -> Union[CircuitGraph, list[CircuitGraph]]:
     """The components whose weight-derived contribution to `target` is largest, as a `CircuitGraph`.
 

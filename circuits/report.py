@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .competitors import TYPICAL_COMPETITORS
 from .evidence import CONTEXT_WINDOW, token_evidence
 from .find import feature_tokens, find_circuit, target_direction
 from .mlp import check_bilinear, check_layer, eigendecompose, hosvd
@@ -178,9 +179,9 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
                f"sit at; rank {rank} of {p.numel()} keys).",
                "",
                "Evidence of a context token: what its presence adds to the target at the query, with every layer "
-               f"computed from the weights in a virtual context (the query, the token, and one competitor token drawn "
-               f"by its training frequency, each head's output averaged over that draw; each head attends with the "
-               f"weight its QK circuit gives), averaged over the token sitting 1 to "
+               f"computed from the weights in a virtual context (the query, the token, and {TYPICAL_COMPETITORS:g} "
+               f"competitor tokens drawn independently by training frequency -- the rest of the window -- each head's "
+               f"output averaged over the draws; each head attends with the weight its QK circuit gives), averaged over the token sitting 1 to "
                f"{max(CONTEXT_WINDOW)} tokens before the query, one offset at a time. *Carried by*: the head whose blindness "
                "to the token loses most of that evidence. Tokens are ranked by evidence x plausibility (how likely the "
                f"model's own one-token view of text makes the token among the {max(CONTEXT_WINDOW)} before the query; tokens that cannot "

@@ -10,10 +10,10 @@ once by running the query's position layer by layer:
   model's own norms and MLPs, on the simulated residual);
 * head h of layer l attends from the query (its current simulated residual, so a token that an
   earlier layer brought changes where later heads look: Q-composition) to itself (offset 0), to each
-  key token (at the best offset in `offsets`), and to `competitors` copies of a typical token j
-  drawn by training frequency; the head's output is averaged over that draw (each head draws on
-  its own), so a rarely present token that takes all attention when there dims the keys only
-  in the contexts that hold it;
+  key token (at the best offset in `offsets`), and to `competitors` typical tokens drawn
+  independently by training frequency; the head's output is averaged over the draws
+  (`circuits.competitors`; each head draws on its own), so a rarely present token that takes all
+  attention when there dims the keys only in the contexts that hold it;
 * a key token is seen through its effective embedding (`circuits.token_view`): what the model builds
   for the token alone, which is exactly what the model holds at that position when the key is the
   first token of the sequence.
@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .competitors import TYPICAL_COMPETITORS, draw_expectations
 from .token_view import TokenView
 
 
@@ -58,7 +59,7 @@ def _rotate(model: Any, layer: int, t: Tensor, position: Union[int, Tensor]) -> 
 
 @torch.no_grad()
 def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
-                    competitors: float = 1.0, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048,
+                    competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048,
                     blocked: Optional[tuple[int, int]] = None, key_offsets: Optional[Sequence[int]] = None,
                     row_offsets: Optional[Tensor] = None) -> Tensor:
     """`u . ln_final(resid)` at the query, for each row of virtual key tokens: [m].
@@ -146,21 +147,25 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
         v_keys = v_all[safe]  # [m, k, H, dh]
         known = w_self[..., None] * v_self + torch.einsum("mhk,mkhd->mhd", w_keys, v_keys)  # [m, H, dh]
         known_mass = w_self + w_keys.sum(-1)  # [m, H]
-        # The competitors: `competitors` copies of one typical token j, drawn by training frequency.
-        # The head's output is averaged over the draw -- the expected attention share, not the share
-        # against an expected competitor: a token that takes all attention when present but is rarely
-        # present (a frequent name, for a head that reads names) must not dim every key.
-        share = 1.0 / (known_mass[None, ..., None] + competitors * w_all).clamp_min(1e-30)  # [O, m, H, n]
-        draw = freq / w_all.shape[0]
-        z = (known * torch.einsum("omhn,n->mh", share, draw)[..., None]
-             + competitors * torch.einsum("omhn,n,nhk->mhk", w_all * share, draw, v_all))
+        # The competitors: `competitors` typical tokens drawn independently by training frequency
+        # (and, with pinned slots, each at one of the slots' offsets), the head's output averaged
+        # over the draws (`circuits.competitors`).
+        if competitors == 0:
+            z = known / known_mass[..., None]
+        else:
+            O, H, n = w_all.shape[0], w_all.shape[2], w_all.shape[3]
+            w_draw = w_all.permute(1, 2, 0, 3).reshape(m * H, O * n)  # one draw: an (offset, token) pair
+            p_draw = (freq / O).repeat(O)
+            inv, each = draw_expectations(known_mass.reshape(-1), w_draw, p_draw, competitors)
+            weight = (competitors * p_draw * w_draw * each).view(m, H, O, n)
+            z = known * inv.view(m, H, 1) + torch.einsum("mhon,nhk->mhk", weight, v_all)
         x = x + torch.einsum("mhd,hdo->mo", z, W_O) + b_O
         x = x + block.mlp(_norm(model, block.ln2, x)[:, None])[:, 0]
     return _normalized(model, x) @ u.to(dtype)
 
 
 @torch.no_grad()
-def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float = 1.0,
+def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float = TYPICAL_COMPETITORS,
                      offsets: Sequence[int] = tuple(range(1, 17)), blocked: Optional[tuple[int, int]] = None,
                      weights: Optional[Tensor] = None) -> Tensor:
     """`virtual_readout` with the keys at one offset at a time, averaged over `offsets` (uniformly,
@@ -183,7 +188,7 @@ def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: T
 
 
 @torch.no_grad()
-def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor, u: Tensor, competitors: float = 1.0,
+def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor, u: Tensor, competitors: float = TYPICAL_COMPETITORS,
                          offsets: Sequence[int] = tuple(range(1, 17))) -> Tensor:
     """What two context tokens do together beyond what each does alone, `f(s, t) - f(s) - f(t) + f()`,
     averaged over every placement of the two at distinct offsets in `offsets`: [P] for

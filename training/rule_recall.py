@@ -159,14 +159,16 @@ def gender_sides(values: dict[str, float]) -> tuple[list[str], float]:
     return [n for n, v in values.items() if (v > centre) == (NAME_GENDER[n] == "she")], centre
 
 
-def weight_recall(model: Any, lowercase: bool = True, competitors: float = 1.0) -> dict[str, RuleResult]:
+def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[float] = None) -> dict[str, RuleResult]:
     """Recall of every rule from the weights alone (see the module docstring); behaviour is left
     NaN here (fill it from `behaviour`)."""
+    from circuits.competitors import TYPICAL_COMPETITORS
     from circuits.directions import logit_diff_direction
     from circuits.evidence import token_evidence
     from circuits.token_view import token_view
     from circuits.virtual_context import expected_interaction, virtual_readout
 
+    competitors = TYPICAL_COMPETITORS if competitors is None else competitors
     view = token_view(model)
     w = lambda word: _tok(model, word, lowercase)
     out: dict[str, RuleResult] = {}
@@ -384,7 +386,7 @@ def check_misses(model: Any, results: dict[str, RuleResult], n_stories: int = 60
                 f"{named:+.2f} (mean over {len(texts)} held-out positions): {verdict}")
 
 
-def evaluate(model: Any, n_stories: int = 100, lowercase: bool = True, competitors: float = 1.0) -> dict[str, RuleResult]:
+def evaluate(model: Any, n_stories: int = 100, lowercase: bool = True, competitors: Optional[float] = None) -> dict[str, RuleResult]:
     """Behaviour and weight-only recall of every planted rule, and the weights' misses checked on
     real sentences."""
     results = weight_recall(model, lowercase=lowercase, competitors=competitors)

@@ -161,16 +161,3 @@ def test_a_typical_competitor_is_a_token_drawn_by_frequency(n_layers):
     truth = float(cache["ln_final.hook_normalized"][0, -1] @ u)
     got = virtual_readout(model, view, q, torch.tensor([[-1]]), u, competitors=1.0, key_offsets=(1,))
     assert float(got[0]) == pytest.approx(truth, rel=1e-4, abs=1e-5)
-
-
-def test_expected_share_averages_over_the_drawn_competitor():
-    """sum_j f_j w_b / (w_b + c w_j), and a rare key that would take all attention dims the others
-    only when it is drawn (the share against the *mean* competitor would be 1 / 11.99 here)."""
-    from circuits.evidence import expected_share
-
-    w = torch.tensor([[1.0, 1000.0, 0.5]])
-    f = torch.tensor([0.9, 0.01, 0.09])
-    got = expected_share(w, f, competitors=2.0)
-    brute = torch.tensor([[sum(f[j] * w[0, b] / (w[0, b] + 2.0 * w[0, j]) for j in range(3)) for b in range(3)]])
-    assert torch.allclose(got, brute)
-    assert float(expected_share(w, f, 1.0)[0, 0]) > 0.45

@@ -78,8 +78,8 @@ def rule_readout(model: HookedBilinearTransformer) -> dict[str, list[str]]:
     for obj, verb in OBJECT_VERBS.items():
         graph = find_circuit(model, " " + verb, k_features=4)
         pushing = [n for n in graph.by_kind("mlp_feature") if n.eigenvalue > 0]
-        top = max(pushing, key=lambda n: n.eigenvalue)
-        found[obj] = top.top_token_strings(3)
+        # An untrained model's circuit may keep no pushing feature at all: then it names nothing.
+        found[obj] = max(pushing, key=lambda n: n.eigenvalue).top_token_strings(3) if pushing else []
     return found
 
 
@@ -104,7 +104,7 @@ def test_circuit_of_a_verb_names_its_object(seed):
 
     # Control: the same architecture and initialisation, untrained, does not show the rule.
     control = rule_readout(make_model(seed).eval())
-    assert sum(obj == tokens[0] for obj, tokens in control.items()) <= 2, control
+    assert sum(tokens[:1] == [obj] for obj, tokens in control.items()) <= 2, control
 
 
 def test_token_evidence_names_the_object_a_head_brings():
