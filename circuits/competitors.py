@@ -14,6 +14,13 @@ per (row, head) replaces an expectation over n^c contexts.
 Why not the share against the *mean* competitor, A + c E[w]: a token that takes all attention when it
 is present but is rarely present (a frequent name, for a head that reads names) inflates E[w] and
 dims every key in every context, while in real text it is usually absent.
+
+**Company.** A token does not come alone: ' flower' sits after "found a red", a name after "named".
+So each competitor is, with probability `COMPANY_SHARE`, drawn from the placed token's own company
+(the tokens that usually sit 1-3 before it, in the model's one-token view of text:
+`TokenView.company`) and otherwise by training frequency (`company_draw`). The draw probabilities are
+then per row (p [B, n]), and a token's evidence compares the context with it to the same context
+(its company included) without it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch import Tensor
 # How many: the evidence window holds 16 positions before the query (`circuits.evidence`), one of
 # them the placed key, so a head there sees 15 other tokens besides the query.
 TYPICAL_COMPETITORS = 15.0
+COMPANY_SHARE = 3 / 15  # on average 3 of the 15: the three positions right before the placed token
 NODES = 24  # trapezoid nodes in log t: the integrands are smooth there (checked against enumeration in tests)
 
 
@@ -50,10 +58,23 @@ def _tail(t_lo: Tensor, mass: Tensor) -> Tensor:
     return -torch.expm1(-t_lo * mass) / mass
 
 
+def _expect(x: Tensor, p: Tensor) -> Tensor:
+    """sum_j p_j x[b, j] for draw probabilities shared by every row (p [n]) or per row (p [B, n])."""
+    return x @ p if p.ndim == 1 else (x * p).sum(-1)
+
+
+def company_draw(frequency: Tensor, company: Optional[Tensor], share: float = COMPANY_SHARE) -> Tensor:
+    """Per-row draw probabilities [m, n]: training `frequency` [n], mixed with each row's company
+    [m, n] (`TokenView.company`) at `share`; without company, frequency alone [n]."""
+    if company is None or share == 0:
+        return frequency
+    return (1 - share) * frequency[None] + share * company
+
+
 def draw_expectations(A: Tensor, w: Tensor, p: Tensor, c: float, nodes: int = NODES,
                       each: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    """For known mass A [B], competitor weights w [B, n] and draw probabilities p [n] (summing to 1),
-    with S the sum of `c` independent draws (c >= 1):
+    """For known mass A [B], competitor weights w [B, n] and draw probabilities p [n] or [B, n] (each
+    row summing to 1), with S the sum of `c` independent draws (c >= 1):
 
     * inv [B] = E[1 / (A + S)]: the share of the known tokens is their weight times this;
     * each [B, n] = E[1 / (A + w_j + S')], S' over c - 1 draws: a competitor j, once drawn, gets the
@@ -64,14 +85,14 @@ def draw_expectations(A: Tensor, w: Tensor, p: Tensor, c: float, nodes: int = NO
     A = A.clamp_min(1e-30)  # a key whose weight underflows still has a finite window
     if c == 1:  # one draw: exact, no quadrature
         alone = 1.0 / (A[:, None] + w)
-        return alone @ p, (alone if each else None)
-    mean_w = w @ p  # [B]
+        return _expect(alone, p), (alone if each else None)
+    mean_w = _expect(w, p)  # [B]
     t, dt, t_lo = _nodes(A, mean_w, c, nodes)
     inv = _tail(t_lo, A)
     out = _tail(t_lo[:, None], A[:, None] + w) if each else None
     for k in range(nodes):
         e = torch.exp(-t[k, :, None] * w)  # [B, n]
-        phi = (e @ p).clamp_min(1e-30)  # [B]
+        phi = _expect(e, p).clamp_min(1e-30)  # [B]
         base = dt[k] * torch.exp(-t[k] * A)  # [B]
         inv = inv + base * phi ** c
         if out is not None:
@@ -79,10 +100,11 @@ def draw_expectations(A: Tensor, w: Tensor, p: Tensor, c: float, nodes: int = NO
     return inv, out
 
 
-def expected_share(weight: Tensor, frequency: Tensor, competitors: float) -> Tensor:
-    """The attention share of each key b against `competitors` typical keys drawn independently by
-    `frequency`, averaged over the draws: `E[w_b / (w_b + S)]` for weights w [..., n] (exp of the
-    scores; each row is one query, its keys and competitors alike): [..., n]."""
+def expected_share(weight: Tensor, frequency: Tensor, competitors: float, draw: Optional[Tensor] = None) -> Tensor:
+    """The attention share of each key b against `competitors` typical keys drawn independently,
+    averaged over the draws: `E[w_b / (w_b + S)]` for weights w [..., n] (exp of the scores; each
+    row is one query, its keys and competitors alike): [..., n]. The draws follow `frequency` [n],
+    or per key b `draw[b]` [n, n] (`company_draw`: the key's company mixed in)."""
     if competitors == 0:
         return torch.ones_like(weight)
     w = weight.reshape(-1, weight.shape[-1])
@@ -91,6 +113,7 @@ def expected_share(weight: Tensor, frequency: Tensor, competitors: float) -> Ten
     for r in range(w.shape[0]):
         for s in range(0, w.shape[-1], step):
             b = w[r, s:s + step]  # the keys, each its own "known mass"
-            inv, _ = draw_expectations(b, w[r].expand(b.numel(), -1), frequency.to(w), competitors, each=False)
+            p = frequency.to(w) if draw is None else draw[s:s + step].to(w)
+            inv, _ = draw_expectations(b, w[r].expand(b.numel(), -1), p, competitors, each=False)
             out[r, s:s + step] = b * inv
     return out.reshape(weight.shape)

@@ -17,8 +17,9 @@ it is in the context, pushes u?". We answer it with a weight-only stand-in for a
 * what the head then writes is the key's effective embedding, normalized, through `diag(g) W_V W_O`.
 
 A token's **evidence** is what its presence adds to u at the query: the model at the query's
-position in a virtual context of the query, the token and typical filler, minus the same without
-the token (`circuits.virtual_context`: every layer, every chain -- a layer-0 head feeding MLP 0
+position in a virtual context of the query, the token and typical filler (one competitor in five
+drawn from the token's usual company, `TokenView.company`: ' flower' comes after "found a red"),
+minus the same context without the token (`circuits.virtual_context`: every layer, every chain -- a layer-0 head feeding MLP 0
 feeding MLP 1 -- computed from the weights), averaged over the token sitting 1, 2, ..., 16 tokens
 before the query (`offsets`). One position at a time, seen by every head from there, as in a real
 context: heads read at preferred distances and what a token does can depend on where it sits (a
@@ -170,11 +171,12 @@ def _token_ids(model: Any, tokens: TokenSet) -> list[int]:
 @torch.no_grad()
 def key_attention(model: Any, view: TokenView, layer: int, head: int, query_index: int,
                   offsets: Sequence[int] = DEFAULT_OFFSETS, competitors: float = TYPICAL_COMPETITORS,
-                  average: bool = False) -> Tensor:
+                  average: bool = False, company: bool = True) -> Tensor:
     """Expected attention of head `layer`.`head` from the query (`view.ids[query_index]`) to every
     live key token, against `competitors` typical keys drawn by frequency, at the same offset (see the module
     docstring): [n]. The key sits at its best offset in `offsets` (rotary models), or with
-    average=True at each offset in turn (the mean attention over them)."""
+    average=True at each offset in turn (the mean attention over them). company: each key brings
+    its usual company into the draws (`circuits.competitors`)."""
     gain = getattr(model.blocks[layer].ln1, "w", None)
     X = view.normalized(layer)
     X = X * gain.detach() if gain is not None else X
@@ -192,7 +194,8 @@ def key_attention(model: Any, view: TokenView, layer: int, head: int, query_inde
         logits = q @ k.T  # [1, n]: no position in the scores
     logits = logits.float() / model.cfg.d_head ** 0.5
     weight = (logits - logits.amax(-1, keepdim=True)).exp()  # [O, n]
-    return expected_share(weight, view.frequency.float(), competitors).mean(0)
+    draw = view.competitor_draw(torch.arange(view.ids.numel(), device=view.ids.device)).float() if company else None
+    return expected_share(weight, view.frequency.float(), competitors, draw=draw).mean(0)
 
 
 def _final_scale(model: Any, resid: Tensor) -> Tensor:
@@ -286,9 +289,12 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
                 first_order += [(v / float(final), s, t, l, a, b) for v, s, t in
                                 zip(top.values.tolist(), top.rows.tolist(), top.cols.tolist()) if s != t]
     # The whole effect of each token (every layer and chain), in the virtual context.
-    alone = expected_readout(model, view, qi, torch.arange(-1, n, device=view.ids.device)[:, None], u,
-                             competitors, offsets)
-    empty, single = alone[0], alone[1:] - alone[0]
+    # Each token in the context it keeps (its company among the competitors), against that same
+    # context without it.
+    draw = view.competitor_draw(torch.arange(n, device=view.ids.device)).to(dtype)  # [n, n]
+    rows = torch.cat([torch.arange(n, device=view.ids.device), torch.full((n,), -1, device=view.ids.device)])
+    alone = expected_readout(model, view, qi, rows[:, None], u, competitors, offsets, draw=torch.cat([draw, draw]))
+    empty, single = alone[n:], alone[:n] - alone[n:]
     routes["chains and norms"] = single - torch.stack(list(routes.values())).sum(0)
     total = single
     # What each head carries: the evidence lost when it cannot attend to the token. Measured for the
@@ -299,8 +305,10 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     carriers = {}
     for l in range(L):
         for h in range(H):
-            blind = expected_readout(model, view, qi, measured[:, None], u, competitors, offsets, blocked=(l, h))
-            carriers[f"L{l}H{h}"] = torch.full_like(single, float("nan")).index_put_((measured,), single[measured] - (blind - empty))
+            blind = expected_readout(model, view, qi, measured[:, None], u, competitors, offsets, blocked=(l, h),
+                                     draw=draw[measured])
+            carriers[f"L{l}H{h}"] = torch.full_like(single, float("nan")).index_put_(
+                (measured,), single[measured] - (blind - empty[measured]))
     # Interactions: the bilinear pair terms, by score (each pair once, through its best heads).
     first_order.sort(key=lambda f: -f[0])
     pairs: list[PairEvidence] = []

@@ -180,8 +180,10 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
                "",
                "Evidence of a context token: what its presence adds to the target at the query, with every layer "
                f"computed from the weights in a virtual context (the query, the token, and {TYPICAL_COMPETITORS:g} "
-               f"competitor tokens drawn independently by training frequency -- the rest of the window -- each head's "
-               f"output averaged over the draws; each head attends with the weight its QK circuit gives), averaged over the token sitting 1 to "
+               f"competitor tokens drawn independently -- the rest of the window: by training frequency, or one time in "
+               f"five from the tokens that usually sit just before the token -- each head's output averaged over the "
+               f"draws; each head attends with the weight its QK circuit gives), compared with the same context "
+               f"without the token, averaged over the token sitting 1 to "
                f"{max(CONTEXT_WINDOW)} tokens before the query, one offset at a time. *Carried by*: the head whose blindness "
                "to the token loses most of that evidence. Tokens are ranked by evidence x plausibility (how likely the "
                f"model's own one-token view of text makes the token among the {max(CONTEXT_WINDOW)} before the query; tokens that cannot "

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .competitors import COMPANY_SHARE, company_draw
 from .readout import Live, live_token_ids, live_token_mask
 
 
@@ -65,6 +66,36 @@ class TokenView:
                 at_k = p * reach
                 rows[k] = at_k / at_k.sum().clamp_min(1e-30)
         return torch.stack([rows[k] for k in offsets])
+
+    def company(self, span: int = 3) -> Tensor:
+        """The company each live token keeps: row b is P(token j sits 1..span positions before b),
+        the offsets equally weighted, in the model's one-token view of text (`offset_presence` for
+        every b at once): [n, n], rows summing to 1. Cached on the view (n^2 numbers)."""
+        cache = self.__dict__.setdefault("_company", {})
+        if span not in cache:
+            M = self.log_probs[:, self.ids].float().exp()
+            M = M / M.sum(-1, keepdim=True).clamp_min(1e-30)  # [s, t]
+            p = self.frequency.float()
+            reach, total = M, torch.zeros_like(M)
+            for k in range(1, span + 1):
+                if k > 1:
+                    reach = M @ reach  # M^k[s, b]
+                at_k = p[:, None] * reach  # [s, b]: s at offset k before b
+                total += at_k / at_k.sum(0, keepdim=True).clamp_min(1e-30)
+            cache[span] = (total / span).T.contiguous()  # [b, s]
+        return cache[span]
+
+    def competitor_draw(self, tokens: Tensor, share: float = COMPANY_SHARE) -> Tensor:
+        """Draw probabilities of the typical competitors [m, n] for rows that place `tokens` ([m], or
+        [m, k] with -1 for an empty slot): training frequency, mixed at `share` with the company of
+        the row's tokens (`company`, averaged over them; frequency alone for a row with none)."""
+        tokens = tokens[:, None] if tokens.ndim == 1 else tokens
+        C = self.company().to(self.frequency.dtype)
+        present = (tokens >= 0).to(C.dtype)  # [m, k]
+        mixed = torch.einsum("mk,mkn->mn", present, C[tokens.clamp_min(0)])
+        count = present.sum(-1, keepdim=True)
+        company = torch.where(count > 0, mixed / count.clamp_min(1), self.frequency[None])
+        return company_draw(self.frequency, company, share)
 
     def context_presence(self, query_index: int, offsets: Sequence[int]) -> Tensor:
         """Probability that each live token sits at one of `offsets` positions before the query

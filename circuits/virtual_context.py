@@ -61,7 +61,7 @@ def _rotate(model: Any, layer: int, t: Tensor, position: Union[int, Tensor]) -> 
 def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
                     competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048,
                     blocked: Optional[tuple[int, int]] = None, key_offsets: Optional[Sequence[int]] = None,
-                    row_offsets: Optional[Tensor] = None) -> Tensor:
+                    row_offsets: Optional[Tensor] = None, draw: Optional[Tensor] = None) -> Tensor:
     """`u . ln_final(resid)` at the query, for each row of virtual key tokens: [m].
 
     query: index into `view.ids`; keys: [m, k] indices into `view.ids` (-1: no token in that slot);
@@ -70,7 +70,8 @@ def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Te
     key_offsets: [k], slot j sits exactly key_offsets[j] before the query (instead of every key at
     its best offset in `offsets`; typical competitors then sit at those offsets, equally);
     row_offsets: [m], every key (and typical competitor) of row i sits row_offsets[i] before the query
-    (many single-offset readouts in one pass)."""
+    (many single-offset readouts in one pass); draw: [m, n], the competitors' draw probabilities per
+    row (`circuits.competitors.company_draw`; default: training frequency for every row)."""
     if keys.ndim != 2:
         raise ValueError(f"keys must be [m, k] indices into the live tokens (-1 for none), got {tuple(keys.shape)}")
     # Each row scores every live key at every offset ([offsets, rows, heads, n_live] logits): keep
@@ -80,6 +81,8 @@ def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Te
         if len(key_offsets) != keys.shape[1]:
             raise ValueError(f"{len(key_offsets)} key offsets for {keys.shape[1]} key slots")
         offsets = sorted(set(key_offsets))
+    if draw is not None and draw.shape != (keys.shape[0], view.ids.numel()):
+        raise ValueError(f"draw must be [m, n_live] = [{keys.shape[0]}, {view.ids.numel()}], got {tuple(draw.shape)}")
     if row_offsets is not None:
         if key_offsets is not None or row_offsets.shape != (keys.shape[0],):
             raise ValueError(f"row_offsets must be [m] = [{keys.shape[0]}] and cannot go with key_offsets")
@@ -87,14 +90,16 @@ def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Te
     per_row = max(1, len(offsets) * model.cfg.n_heads * view.ids.numel())
     chunk = max(1, min(chunk, 2 ** 25 // per_row))
     out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets, blocked, key_offsets,
-                          None if row_offsets is None else row_offsets[s:s + chunk])
+                          None if row_offsets is None else row_offsets[s:s + chunk],
+                          None if draw is None else draw[s:s + chunk])
            for s in range(0, keys.shape[0], chunk)]
     return torch.cat(out) if out else u.new_zeros(0)
 
 
 def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float,
                    offsets: Sequence[int], blocked: Optional[tuple[int, int]] = None,
-                   key_offsets: Optional[Sequence[int]] = None, row_offsets: Optional[Tensor] = None) -> Tensor:
+                   key_offsets: Optional[Sequence[int]] = None, row_offsets: Optional[Tensor] = None,
+                   draw: Optional[Tensor] = None) -> Tensor:
     cfg = model.cfg
     m, n_keys = keys.shape
     dtype = view.resid[0].dtype
@@ -155,7 +160,10 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
         else:
             O, H, n = w_all.shape[0], w_all.shape[2], w_all.shape[3]
             w_draw = w_all.permute(1, 2, 0, 3).reshape(m * H, O * n)  # one draw: an (offset, token) pair
-            p_draw = (freq / O).repeat(O)
+            if draw is None:
+                p_draw = (freq / O).repeat(O)
+            else:
+                p_draw = (draw.to(dtype)[:, None, None, :] / O).expand(m, H, O, n).reshape(m * H, O * n)
             inv, each = draw_expectations(known_mass.reshape(-1), w_draw, p_draw, competitors)
             weight = (competitors * p_draw * w_draw * each).view(m, H, O, n)
             z = known * inv.view(m, H, 1) + torch.einsum("mhon,nhk->mhk", weight, v_all)
@@ -165,11 +173,12 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
 
 
 @torch.no_grad()
-def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float = TYPICAL_COMPETITORS,
-                     offsets: Sequence[int] = tuple(range(1, 17)), blocked: Optional[tuple[int, int]] = None,
-                     weights: Optional[Tensor] = None) -> Tensor:
+def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
+                     competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = tuple(range(1, 17)),
+                     blocked: Optional[tuple[int, int]] = None, weights: Optional[Tensor] = None,
+                     draw: Optional[Tensor] = None) -> Tensor:
     """`virtual_readout` with the keys at one offset at a time, averaged over `offsets` (uniformly,
-    or by `weights` [len(offsets)]): [m].
+    or by `weights` [len(offsets)]): [m]. draw: [m, n] competitors' draw probabilities per row.
 
     A real context holds a token at one position, seen by every head from there; `virtual_readout`
     with several offsets lets each head see a key at its own best offset at once, which overstates
@@ -183,17 +192,20 @@ def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: T
     m = keys.shape[0]
     rows = keys.repeat(len(offsets), 1)  # offset-major: rows [o * m + i]
     at = torch.tensor(offsets, device=keys.device).repeat_interleave(m)
-    f = virtual_readout(model, view, query, rows, u, competitors, blocked=blocked, row_offsets=at)
+    f = virtual_readout(model, view, query, rows, u, competitors, blocked=blocked, row_offsets=at,
+                        draw=None if draw is None else draw.repeat(len(offsets), 1))
     return (weights.to(f)[:, None] * f.view(len(offsets), m)).sum(0)
 
 
 @torch.no_grad()
-def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor, u: Tensor, competitors: float = TYPICAL_COMPETITORS,
-                         offsets: Sequence[int] = tuple(range(1, 17))) -> Tensor:
+def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor, u: Tensor,
+                         competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = tuple(range(1, 17)),
+                         draw: Optional[Tensor] = None) -> Tensor:
     """What two context tokens do together beyond what each does alone, `f(s, t) - f(s) - f(t) + f()`,
     averaged over every placement of the two at distinct offsets in `offsets`: [P] for
     pairs [P, 2] (indices into `view.ids`). Exact through every layer, norm and chain of the virtual
-    context, unlike the first-order pair terms of `circuits.evidence` (one MLP, attention fixed)."""
+    context, unlike the first-order pair terms of `circuits.evidence` (one MLP, attention fixed).
+    draw: [P, n], each pair's competitors' draw probabilities (the same for its four terms)."""
     if pairs.ndim != 2 or pairs.shape[1] != 2:
         raise ValueError(f"pairs must be [P, 2] indices into the live tokens, got {tuple(pairs.shape)}")
     offsets = [o for o in offsets if 0 < o < model.cfg.n_ctx]
@@ -202,13 +214,14 @@ def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor,
     P = pairs.shape[0]
     gap = torch.full_like(pairs[:, :1], -1)
     rows = torch.cat([pairs, torch.cat([pairs[:, :1], gap], 1), torch.cat([gap, pairs[:, 1:]], 1),
-                      torch.full((1, 2), -1, dtype=pairs.dtype, device=pairs.device)])  # both, s, t, none
+                      torch.cat([gap, gap], 1)])  # both, s, t, none
+    draws = None if draw is None else draw.repeat(4, 1)
     total, count = torch.zeros(P, dtype=u.dtype, device=pairs.device), 0
     for o_s in offsets:
         for o_t in offsets:
             if o_s != o_t:  # the same context for all four: only which tokens are present changes
-                f = virtual_readout(model, view, query, rows, u, competitors, key_offsets=(o_s, o_t))
-                total += f[:P] - f[P:2 * P] - f[2 * P:3 * P] + f[3 * P]
+                f = virtual_readout(model, view, query, rows, u, competitors, key_offsets=(o_s, o_t), draw=draws)
+                total += f[:P] - f[P:2 * P] - f[2 * P:3 * P] + f[3 * P:]
                 count += 1
     return total / count
 

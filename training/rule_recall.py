@@ -199,7 +199,8 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
         a = [w(x) for x in f.negative] * 2 + [w(x) for g in others for x in FEELINGS[g].positive]
         b = [w(x) for x in f.positive] * 2 + [w(x) for g in others for x in FEELINGS[g].negative]
         u = logit_diff_direction(model, [model.to_single_token(x) for x in a], [model.to_single_token(x) for x in b])
-        inter = expected_interaction(model, view, view.index(e.query_id), pairs, u.to(view.resid[0].dtype), competitors)
+        inter = expected_interaction(model, view, view.index(e.query_id), pairs, u.to(view.resid[0].dtype), competitors,
+                                     draw=view.competitor_draw(pairs))
         hits += int(inter.argmax()) == feelings.index(name)
         top_hits += e.top_tokens(1)[0][0] == w("not")
         best = e.pairs[0] if e.pairs else None
@@ -268,7 +269,8 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
             u = logit_diff_direction(model, [model.to_single_token(name)], [model.to_single_token(x) for x in others])
             keys = torch.tensor([[-1], [e.labels.index(name)]], device=view.ids.device)
             for o in by_distance:
-                r = virtual_readout(model, view, view.index(e.query_id), keys, u.to(view.resid[0].dtype), competitors, (o,))
+                r = virtual_readout(model, view, view.index(e.query_id), keys, u.to(view.resid[0].dtype), competitors, (o,),
+                                    draw=view.competitor_draw(keys[1:]).expand(2, -1))
                 by_distance[o].append(float(r[1] - r[0]))
     distance_line = ("a name's own evidence by how far back it sits (mean over the live names): "
                      + ", ".join(f"{o}: {sum(v) / max(len(v), 1):+.2f}" for o, v in by_distance.items()))

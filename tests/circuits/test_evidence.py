@@ -126,15 +126,26 @@ def test_pinned_key_offsets_are_the_model_on_three_tokens(overrides):
 
 
 def test_evidence_is_the_mean_over_placements(tiny_model):
-    """A token's evidence averages its effect over the offsets it may sit at, one at a time."""
+    """A token's evidence averages its effect over the offsets it may sit at, one at a time, each
+    against the same context (its company among the competitors) without it."""
     u = logit_diff_direction(tiny_model, 5, [6, 7])
     view = token_view(tiny_model, live="all")
     e = token_evidence(tiny_model, (5, [6, 7]), query=11, view=view, offsets=(1, 3), n_pairs=0)
-    keys = torch.arange(-1, view.ids.numel())[:, None]
-    each = [virtual_readout(tiny_model, view, 11, keys, u, offsets=(o,)) for o in (1, 3)]
-    assert torch.allclose(e.total, sum(r[1:] - r[0] for r in each) / 2, atol=1e-5)
-    assert torch.allclose(expected_readout(tiny_model, view, 11, keys, u, offsets=(1, 3), weights=torch.tensor([1.0, 0.0])),
-                          each[0], atol=1e-6)
+    n = view.ids.numel()
+    draw = view.competitor_draw(torch.arange(n))
+    keys = torch.arange(n)[:, None]
+    empty = torch.full((n, 1), -1)
+    each = [virtual_readout(tiny_model, view, 11, keys, u, offsets=(o,), draw=draw)
+            - virtual_readout(tiny_model, view, 11, empty, u, offsets=(o,), draw=draw) for o in (1, 3)]
+    assert torch.allclose(e.total, sum(each) / 2, atol=1e-5)
+    assert torch.allclose(expected_readout(tiny_model, view, 11, keys, u, offsets=(1, 3), weights=torch.tensor([1.0, 0.0]),
+                                           draw=draw),
+                          virtual_readout(tiny_model, view, 11, keys, u, offsets=(1,), draw=draw), atol=1e-6)
+    # A row's company is the company of the tokens it places; a row with none draws by frequency.
+    both = view.competitor_draw(torch.tensor([[2, 3], [-1, -1]]))
+    assert torch.allclose(both[0], 0.8 * view.frequency + 0.2 * (view.company()[2] + view.company()[3]) / 2)
+    assert torch.allclose(both[1], view.frequency) and torch.allclose(view.company().sum(-1), torch.ones(n))
+    assert torch.allclose(view.company()[4], view.offset_presence(4, [1, 2, 3]).mean(0), atol=1e-6)
 
 
 def test_expected_interaction_does_not_depend_on_the_order_of_a_pair(tiny_model):
