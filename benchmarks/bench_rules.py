@@ -14,11 +14,13 @@ Models are trained once into --out/L{layers}-s{seed} and reused on later runs (a
 evaluated again, an interrupted one resumed). Results go to --out/results.json and results.md.
 Target: recall >= 0.95 for every rule a model has learned (behaviour >= 0.95). Where the weights name
 another token than the trigger (object_verb, name_recall), the trigger and the named token are each
-hidden from attention in real held-out sentences (`training.rule_recall.check_misses`): the last
-column counts the misses where hiding the named token moves the target more -- the model really
+hidden from attention in real held-out sentences (`training.rule_recall.check_cases`): a column
+counts the misses where hiding the named token moves the target more -- the model really
 works that way, and the miss is the rule's reading, not the weights' -- and those where neither
 moves it by 1 logit: the model does not read the trigger for that case (it says the answer by
-default), so no trigger is there to name.
+default), so no trigger is there to name. The last column asks the same of every case: among the
+cases whose trigger moves the target by at least 1 logit in real sentences (the cases the model
+reads its trigger for), how many the weights name.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
                          "rules": {r: {"behaviour": v.behaviour, "positions": v.n_positions, "recall": v.recall,
                                        "cases": v.n_cases, "details": v.details, "misses": len(v.misses),
                                        "misses_data_agrees": v.misses_data_agrees,
-                                       "misses_trigger_unused": v.misses_trigger_unused} for r, v in results.items()},
+                                       "misses_trigger_unused": v.misses_trigger_unused,
+                                       "driven": v.driven, "driven_hits": v.driven_hits} for r, v in results.items()},
                          "top2_correlation": corr})
             print(f"{name}: " + ", ".join(f"{r} {v.behaviour:.2f}/{v.recall:.2f}" for r, v in results.items()), flush=True)
 
@@ -136,7 +139,9 @@ def main(argv=None) -> int:
         frac = sum(x > 0.75 for x in c) / len(c)
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {statistics.median(c):.2f}, {frac:.0%} |")
     lines += ["", "| rule | models that learned it | mean recall on those | target met (>= 0.95) | "
-              "misses on those: real sentences side with the weights / with neither |", "|---|---|---|---|---|"]
+              "misses on those: real sentences side with the weights / with neither | "
+              "cases whose trigger moves the target >= 1 logit in real sentences: named by the weights |",
+              "|---|---|---|---|---|---|"]
     for r in RULES:
         on = [row["rules"][r] for row in rows if row["rules"][r]["behaviour"] >= 0.95]
         learned = [v["recall"] for v in on]
@@ -144,9 +149,13 @@ def main(argv=None) -> int:
         misses = sum(v.get("misses", 0) for v in on)
         agree = sum(v.get("misses_data_agrees", 0) for v in on)
         unused = sum(v.get("misses_trigger_unused", 0) for v in on)
-        checked = f"{agree} / {unused} of {misses}" if r in ("object_verb", "name_recall") else "(read within the slot)"
+        single = r in ("object_verb", "name_recall")
+        checked = f"{agree} / {unused} of {misses}" if single else "(read within the slot)"
+        driven = [(v["driven_hits"], v["driven"]) for v in on if v.get("driven")]
+        named = (f"{sum(h for h, _ in driven)} of {sum(d for _, d in driven)} (lowest model "
+                 f"{min(h / d for h, d in driven):.2f})" if single and driven else "n/a")
         lines.append(f"| {r} | {len(learned)}/{len(rows)} | {mean:.2f} | "
-                     f"{'yes' if learned and min(learned) >= 0.95 else ('n/a' if not learned else 'no')} | {checked} |")
+                     f"{'yes' if learned and min(learned) >= 0.95 else ('n/a' if not learned else 'no')} | {checked} | {named} |")
     table = "\n".join(lines)
     print("\n" + table)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

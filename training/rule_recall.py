@@ -64,25 +64,36 @@ class RuleResult:
     recall: float  # share of the rule's cases the weights name
     n_cases: int
     details: list[str] = field(default_factory=list)  # one line per case: what the weights named
-    misses: list["Miss"] = field(default_factory=list)  # cases where the weights named another token
-    misses_data_agrees: int = 0  # of those, how many real sentences side with the weights (`check_misses`)
-    misses_trigger_unused: int = 0  # of those, how many the trigger does not drive either (`check_misses`)
+    cases: list["Case"] = field(default_factory=list)  # object_verb, name_recall: each case, what the weights named
+    misses_data_agrees: int = 0  # of the misses, how many real sentences side with the weights (`check_cases`)
+    misses_trigger_unused: int = 0  # of the misses, how many the trigger does not drive either (`check_cases`)
+    driven: Optional[int] = None  # cases whose trigger moves the target >= 1 logit in real sentences (`check_cases`)
+    driven_hits: Optional[int] = None  # of those, how many the weights name
 
     @property
     def learned(self) -> bool:
         return self.behaviour >= 0.95
 
+    @property
+    def misses(self) -> list["Case"]:
+        return [c for c in self.cases if not c.hit]
+
 
 @dataclass
-class Miss:
-    """A case whose top evidence token is not the rule's trigger: for the target (tokens a - tokens
-    b), the trigger the rule plants and the token the weights named instead (token labels)."""
+class Case:
+    """One case of a rule with a single trigger token (object_verb, name_recall): for the target
+    (tokens a - tokens b), the trigger the rule plants and the top evidence token the weights named
+    (token labels)."""
 
     rule: str
     case: str  # the object or name, as the corpus writes it
     target: tuple[list[str], list[str]]
     trigger: str
     named: str
+
+    @property
+    def hit(self) -> bool:
+        return self.named == self.trigger
 
 
 # --- behaviour on held-out stories --------------------------------------------------------------
@@ -175,15 +186,14 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
     nan = float("nan")
 
     verbs = {o: w(v) for o, v in OBJECT_VERBS.items()}
-    details, hits, misses = [], 0, []
+    details, hits, cases = [], 0, []
     for obj, verb in verbs.items():
         e = token_evidence(model, (verb, [v for v in verbs.values() if v != verb]), view=view, competitors=competitors)
         top = e.top_tokens(3)
         hits += top[0][0] == w(obj)
-        if top[0][0] != w(obj):
-            misses.append(Miss("object_verb", obj, ([verb], [v for v in verbs.values() if v != verb]), w(obj), top[0][0]))
+        cases.append(Case("object_verb", obj, ([verb], [v for v in verbs.values() if v != verb]), w(obj), top[0][0]))
         details.append(f"{verb!r}: query {e.query!r}, top evidence {[t for t, _ in top]} (want {w(obj)!r})")
-    out["object_verb"] = RuleResult("object_verb", nan, 0, hits / len(verbs), len(verbs), details, misses)
+    out["object_verb"] = RuleResult("object_verb", nan, 0, hits / len(verbs), len(verbs), details, cases)
 
     details, hits, top_hits, pair_hits = [], 0, 0, 0
     feelings = list(FEELINGS)
@@ -248,7 +258,7 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
 
     names = [w(n) for n in NAME_GENDER]
     induction = _induction_recall(model, view, names)
-    details, hits, misses = [], 0, []
+    details, hits, cases = [], 0, []
     # Copying, asked where a sentence starts ("." is the query: most later mentions open a sentence;
     # the default query would be "named", after which the name is new and cannot be copied).
     period = model.to_string([model.tokenizer(".")["input_ids"][0]])
@@ -261,8 +271,8 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
         e = token_evidence(model, (name, others), query=period, view=view, competitors=competitors, n_pairs=0)
         top = e.top_tokens(1)[0][0]
         hits += top == name
+        cases.append(Case("name_recall", corpus_name, ([name], others), name, top))
         if top != name:
-            misses.append(Miss("name_recall", corpus_name, ([name], others), name, top))
             details.append(f"{name!r}: top evidence {top!r} (query {e.query!r})")
         # Its evidence for itself at single distances (the evidence above is the mean over 1-16).
         if name in e.labels:
@@ -276,7 +286,7 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
                      + ", ".join(f"{o}: {sum(v) / max(len(v), 1):+.2f}" for o, v in by_distance.items()))
     out["name_recall"] = RuleResult("name_recall", nan, 0, hits / len(names), len(names),
                                     [f"copying: {hits}/{len(names)} names are their own top evidence"] + details
-                                    + [distance_line, f"induction check: {induction.details[0]}"], misses)
+                                    + [distance_line, f"induction check: {induction.details[0]}"], cases)
     return out
 
 
@@ -309,7 +319,7 @@ def _induction_recall(model: Any, view: Any, names: Sequence[str]) -> RuleResult
     return RuleResult("name_recall", nan, 0, recall, len(names), [detail])
 
 
-# --- the weights' misses, checked on real sentences ---------------------------------------------
+# --- the cases, checked on real sentences ------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -348,8 +358,8 @@ def hiding_effects(model: Any, text: str, labels: Sequence[str], vec: Tensor) ->
     return out
 
 
-def _miss_prefixes(miss: Miss, stories: Sequence[str]) -> list[str]:
-    """Held-out texts that end where the miss's case decides the next word."""
+def _case_prefixes(miss: Case, stories: Sequence[str]) -> list[str]:
+    """Held-out texts that end where the case decides the next word."""
     if miss.rule == "object_verb":
         verb = (OBJECT_VERBS[miss.case],)
         return [p for s in stories for rule, p, allowed in _rule_prefixes(s) if rule == "object_verb" and allowed == verb]
@@ -358,25 +368,36 @@ def _miss_prefixes(miss: Miss, stories: Sequence[str]) -> list[str]:
             for m in re.finditer(rf"\. {miss.case}\b", s) if m.start() > s.index(f"named {miss.case}")]
 
 
-def check_misses(model: Any, results: dict[str, RuleResult], n_stories: int = 60, per_case: int = 8,
-                 lowercase: bool = True, unused_below: float = 1.0) -> None:
-    """For every miss, hide the trigger and, separately, the token the weights named, in real
-    held-out sentences. The data sides with the weights when hiding their token moves the target
-    more; when neither moves it by `unused_below` logits, the model does not read the trigger for
-    this case at all (it predicts the answer by default, and the weights rightly name no trigger).
-    Adds a line per miss to the details and counts `misses_data_agrees` and `misses_trigger_unused`."""
+def check_cases(model: Any, results: dict[str, RuleResult], n_stories: int = 60, per_case: int = 8,
+                lowercase: bool = True, unused_below: float = 1.0) -> None:
+    """Check the weights' cases on real held-out sentences, hiding tokens from attention.
+
+    Every case: does the trigger drive the target at all (hiding it moves the target by at least
+    `unused_below` logits)? Counts `driven` and, of those, `driven_hits` (the weights name the trigger).
+    Every miss: the token the weights named is hidden too. The data sides with the weights when
+    hiding their token moves the target more; when neither moves it by `unused_below`, the model does
+    not read the trigger for this case at all (it predicts the answer by default, and the weights
+    rightly name no trigger). Adds a line per miss and a summary line to the details."""
     stories = generate_stories(n_stories, seed=10_000)
     norm = (lambda t: t.lower()) if lowercase else (lambda t: t)
     for result in results.values():
-        result.misses_data_agrees = result.misses_trigger_unused = 0
-        for miss in result.misses:
-            vec = vocab_difference(model, *miss.target)
-            texts = [norm(t) for t in _miss_prefixes(miss, stories)][:per_case]
+        if not result.cases:
+            continue
+        result.misses_data_agrees = result.misses_trigger_unused = result.driven = result.driven_hits = 0
+        for case in result.cases:
+            vec = vocab_difference(model, *case.target)
+            texts = [norm(t) for t in _case_prefixes(case, stories)][:per_case]
             if not texts:
-                result.details.append(f"data check, {miss.case}: no held-out position")
+                result.details.append(f"data check, {case.case}: no held-out position")
                 continue
-            effects = torch.tensor([hiding_effects(model, t, (miss.trigger, miss.named), vec) for t in texts])
-            trig, named = effects.mean(0).tolist()
+            hidden = (case.trigger,) if case.hit else (case.trigger, case.named)
+            effects = torch.tensor([hiding_effects(model, t, hidden, vec) for t in texts]).mean(0).tolist()
+            trig = effects[0]
+            result.driven += trig >= unused_below
+            result.driven_hits += case.hit and trig >= unused_below
+            if case.hit:
+                continue
+            named = effects[1]
             if max(trig, named) < unused_below:
                 verdict = f"neither moves it by {unused_below:g} logit: the model does not read the trigger here"
                 result.misses_trigger_unused += 1
@@ -384,15 +405,17 @@ def check_misses(model: Any, results: dict[str, RuleResult], n_stories: int = 60
                 verdict = f"the data sides with the {'weights' if named > trig else 'rule'}"
                 result.misses_data_agrees += named > trig
             result.details.append(
-                f"data check, {miss.case}: hiding {miss.trigger!r} moves the target {trig:+.2f}, hiding {miss.named!r} "
+                f"data check, {case.case}: hiding {case.trigger!r} moves the target {trig:+.2f}, hiding {case.named!r} "
                 f"{named:+.2f} (mean over {len(texts)} held-out positions): {verdict}")
+        result.details.append(f"data check: the trigger moves the target by >= {unused_below:g} logit in "
+                              f"{result.driven}/{len(result.cases)} cases; the weights name it in {result.driven_hits} of those")
 
 
 def evaluate(model: Any, n_stories: int = 100, lowercase: bool = True, competitors: Optional[float] = None) -> dict[str, RuleResult]:
-    """Behaviour and weight-only recall of every planted rule, and the weights' misses checked on
+    """Behaviour and weight-only recall of every planted rule, and the weights' cases checked on
     real sentences."""
     results = weight_recall(model, lowercase=lowercase, competitors=competitors)
     for rule, (acc, n) in behaviour(model, n_stories=n_stories, lowercase=lowercase).items():
         results[rule].behaviour, results[rule].n_positions = acc, n
-    check_misses(model, results, lowercase=lowercase)
+    check_cases(model, results, lowercase=lowercase)
     return results

@@ -70,16 +70,19 @@ def test_weight_recall_reads_every_rule_from_a_model(tokenizer):
     assert "they differ by" in results["conjunction"].details[-1]
     assert any(d.startswith("a name's own evidence by how far back") for d in results["name_recall"].details)
 
-    # Misses are checked on real sentences: one line per miss, and a count of those the data backs.
-    from training.rule_recall import Miss, check_misses
+    # Cases are checked on real sentences: a line per miss, the count of those the data backs, and
+    # how many cases' triggers drive the target at all.
+    from training.rule_recall import Case, check_cases
 
     verbs = [" " + v for v in OBJECT_VERBS.values()]
-    results["object_verb"].misses = [Miss("object_verb", "ball", ([" kicked"], [v for v in verbs if v != " kicked"]),
-                                          " ball", " found")]
+    target = ([" kicked"], [v for v in verbs if v != " kicked"])
+    results["object_verb"].cases = [Case("object_verb", "ball", target, " ball", " found"),
+                                    Case("object_verb", "ball", target, " ball", " ball")]
+    assert [c.hit for c in results["object_verb"].cases] == [False, True] and len(results["object_verb"].misses) == 1
     before = len(results["object_verb"].details)
-    check_misses(model, {"object_verb": results["object_verb"]}, n_stories=10, per_case=2)
-    line = results["object_verb"].details[before]
-    assert len(results["object_verb"].details) == before + 1 and line.startswith("data check, ball: hiding ' ball'")
+    check_cases(model, {"object_verb": results["object_verb"]}, n_stories=10, per_case=2)
+    line, summary = results["object_verb"].details[before:]
+    assert line.startswith("data check, ball: hiding ' ball'") and summary.startswith("data check: the trigger moves")
     import re
 
     trig, named = (float(x) for x in re.findall(r"moves the target ([-+][0-9.]+), hiding ' found' ([-+][0-9.]+)", line)[0])
@@ -87,6 +90,9 @@ def test_weight_recall_reads_every_rule_from_a_model(tokenizer):
     assert results["object_verb"].misses_trigger_unused == unused
     assert results["object_verb"].misses_data_agrees == (not unused and named > trig)
     assert line.endswith("does not read the trigger here" if unused else ("weights" if named > trig else "rule"))
+    # The same trigger in the same sentences: both cases are driven, or neither; only the hit counts.
+    assert results["object_verb"].driven == (0 if trig < 1.0 else 2)
+    assert results["object_verb"].driven_hits == (0 if trig < 1.0 else 1)
 
 
 def test_hiding_the_first_token_is_the_model_without_it():
