@@ -21,7 +21,9 @@ position in a virtual context of the query, the token and typical filler (one co
 drawn from the token's usual company, `TokenView.company`: ' flower' comes after "found a red"),
 minus the same context without the token (`circuits.virtual_context`: every layer, every chain -- a layer-0 head feeding MLP 0
 feeding MLP 1 -- computed from the weights), averaged over the token sitting 1, 2, ..., 16 tokens
-before the query (`offsets`). One position at a time, seen by every head from there, as in a real
+before the query (`offsets`), each placement weighted by how likely the model's own one-token view
+of text puts the token there (`TokenView.offset_presence`: an object sits two tokens before the
+pronoun that follows its sentence). One position at a time, seen by every head from there, as in a real
 context: heads read at preferred distances and what a token does can depend on where it sits (a
 name one token before a "." can say the next name is someone else), and letting each head see the
 token at its own best offset at once mixed placements no context holds. It is split
@@ -291,9 +293,13 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     # The whole effect of each token (every layer and chain), in the virtual context.
     # Each token in the context it keeps (its company among the competitors), against that same
     # context without it.
+    # Each placement weighted by how likely the model's own view of text puts the token there.
     draw = view.competitor_draw(torch.arange(n, device=view.ids.device)).to(dtype)  # [n, n]
+    where = view.offset_presence(qi, offsets).to(dtype)  # [O, n]
+    where = where / where.sum(0, keepdim=True).clamp_min(1e-30)
     rows = torch.cat([torch.arange(n, device=view.ids.device), torch.full((n,), -1, device=view.ids.device)])
-    alone = expected_readout(model, view, qi, rows[:, None], u, competitors, offsets, draw=torch.cat([draw, draw]))
+    alone = expected_readout(model, view, qi, rows[:, None], u, competitors, offsets, draw=torch.cat([draw, draw]),
+                             weights=torch.cat([where, where], 1))
     empty, single = alone[n:], alone[:n] - alone[n:]
     routes["chains and norms"] = single - torch.stack(list(routes.values())).sum(0)
     total = single
@@ -306,7 +312,7 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     for l in range(L):
         for h in range(H):
             blind = expected_readout(model, view, qi, measured[:, None], u, competitors, offsets, blocked=(l, h),
-                                     draw=draw[measured])
+                                     draw=draw[measured], weights=where[:, measured])
             carriers[f"L{l}H{h}"] = torch.full_like(single, float("nan")).index_put_(
                 (measured,), single[measured] - (blind - empty[measured]))
     # Interactions: the bilinear pair terms, by score (each pair once, through its best heads).

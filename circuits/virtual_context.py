@@ -178,7 +178,8 @@ def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: T
                      blocked: Optional[tuple[int, int]] = None, weights: Optional[Tensor] = None,
                      draw: Optional[Tensor] = None) -> Tensor:
     """`virtual_readout` with the keys at one offset at a time, averaged over `offsets` (uniformly,
-    or by `weights` [len(offsets)]): [m]. draw: [m, n] competitors' draw probabilities per row.
+    or by `weights`: [len(offsets)], or [len(offsets), m] per row): [m]. draw: [m, n] competitors'
+    draw probabilities per row.
 
     A real context holds a token at one position, seen by every head from there; `virtual_readout`
     with several offsets lets each head see a key at its own best offset at once, which overstates
@@ -194,7 +195,8 @@ def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: T
     at = torch.tensor(offsets, device=keys.device).repeat_interleave(m)
     f = virtual_readout(model, view, query, rows, u, competitors, blocked=blocked, row_offsets=at,
                         draw=None if draw is None else draw.repeat(len(offsets), 1))
-    return (weights.to(f)[:, None] * f.view(len(offsets), m)).sum(0)
+    weights = weights.to(f) if weights.ndim == 2 else weights.to(f)[:, None]
+    return (weights * f.view(len(offsets), m)).sum(0)
 
 
 @torch.no_grad()

@@ -125,9 +125,10 @@ def test_pinned_key_offsets_are_the_model_on_three_tokens(overrides):
         virtual_readout(model, view, q, torch.tensor([[b, c]]), u, row_offsets=torch.tensor([1, 2]))
 
 
-def test_evidence_is_the_mean_over_placements(tiny_model):
+def test_evidence_averages_over_placements_where_the_token_may_sit(tiny_model):
     """A token's evidence averages its effect over the offsets it may sit at, one at a time, each
-    against the same context (its company among the competitors) without it."""
+    weighted by how likely the model's own view of text puts it there, and each against the same
+    context (its company among the competitors) without it."""
     u = logit_diff_direction(tiny_model, 5, [6, 7])
     view = token_view(tiny_model, live="all")
     e = token_evidence(tiny_model, (5, [6, 7]), query=11, view=view, offsets=(1, 3), n_pairs=0)
@@ -137,7 +138,10 @@ def test_evidence_is_the_mean_over_placements(tiny_model):
     empty = torch.full((n, 1), -1)
     each = [virtual_readout(tiny_model, view, 11, keys, u, offsets=(o,), draw=draw)
             - virtual_readout(tiny_model, view, 11, empty, u, offsets=(o,), draw=draw) for o in (1, 3)]
-    assert torch.allclose(e.total, sum(each) / 2, atol=1e-5)
+    where = view.offset_presence(view.index(11), [1, 3])
+    where = where / where.sum(0, keepdim=True)
+    assert torch.allclose(e.total, where[0] * each[0] + where[1] * each[1], atol=1e-5)
+    assert not torch.allclose(where[0], where[1])  # the weights differ: not a plain mean
     assert torch.allclose(expected_readout(tiny_model, view, 11, keys, u, offsets=(1, 3), weights=torch.tensor([1.0, 0.0]),
                                            draw=draw),
                           virtual_readout(tiny_model, view, 11, keys, u, offsets=(1,), draw=draw), atol=1e-6)
