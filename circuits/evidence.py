@@ -196,7 +196,7 @@ def key_attention(model: Any, view: TokenView, layer: int, head: int, query_inde
         logits = q @ k.T  # [1, n]: no position in the scores
     logits = logits.float() / model.cfg.d_head ** 0.5
     weight = (logits - logits.amax(-1, keepdim=True)).exp()  # [O, n]
-    draw = view.competitor_draw(torch.arange(view.ids.numel(), device=view.ids.device)).float() if company else None
+    draw = view.each_token_draw().float() if company else None
     return expected_share(weight, view.frequency.float(), competitors, draw=draw).mean(0)
 
 
@@ -292,9 +292,9 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
                                 zip(top.values.tolist(), top.rows.tolist(), top.cols.tolist()) if s != t]
     # The whole effect of each token (every layer and chain), in the virtual context.
     # Each token in the context it keeps (its company among the competitors), against that same
-    # context without it.
-    # Each placement weighted by how likely the model's own view of text puts the token there.
-    draw = view.competitor_draw(torch.arange(n, device=view.ids.device)).to(dtype)  # [n, n]
+    # context without it; each placement weighted by how likely the model's own view of text puts
+    # the token there.
+    draw = view.each_token_draw().to(dtype)  # [n, n]
     where = view.offset_presence(qi, offsets).to(dtype)  # [O, n]
     where = where / where.sum(0, keepdim=True).clamp_min(1e-30)
     rows = torch.cat([torch.arange(n, device=view.ids.device), torch.full((n,), -1, device=view.ids.device)])

@@ -54,36 +54,39 @@ class TokenView:
         The model after one token is a Markov chain over the live tokens (M[s, t]: the probability
         of t right after s alone, renormalized over live tokens; start: the training frequency).
         By Bayes, P(token s at offset k before q) = p(s) M^k[s, q] / sum_s' p(s') M^k[s', q]."""
+        return self._before(torch.tensor([query_index], device=self.ids.device), offsets)[..., 0]
+
+    def company(self, span: int = 3) -> Tensor:
+        """The company each live token keeps: row b is P(token j sits 1..span positions before b),
+        the offsets equally weighted (`offset_presence` for every b at once): [n, n], rows summing
+        to 1. Cached on the view (n^2 numbers; n^3 work to build)."""
+        cache = self.__dict__.setdefault("_company", {})
+        if span not in cache:
+            every = torch.arange(self.ids.numel(), device=self.ids.device)
+            cache[span] = self._before(every, range(1, span + 1)).mean(0).T.contiguous()  # [b, s]
+        return cache[span]
+
+    def _before(self, targets: Tensor, offsets: Sequence[int]) -> Tensor:
+        """`offset_presence` for several target tokens at once: [len(offsets), n, len(targets)]."""
         M = self.log_probs[:, self.ids].float().exp()
         M = M / M.sum(-1, keepdim=True).clamp_min(1e-30)  # [n, n]
-        p = self.frequency.float()
-        reach = M[:, query_index]  # M^k[:, q], k = 1
+        p = self.frequency.float()[:, None]
+        reach = M[:, targets]  # M^k[:, targets], k = 1
         rows = {}
         for k in range(1, max(offsets) + 1):
             if k > 1:
                 reach = M @ reach
             if k in offsets:
                 at_k = p * reach
-                rows[k] = at_k / at_k.sum().clamp_min(1e-30)
+                rows[k] = at_k / at_k.sum(0, keepdim=True).clamp_min(1e-30)
         return torch.stack([rows[k] for k in offsets])
 
-    def company(self, span: int = 3) -> Tensor:
-        """The company each live token keeps: row b is P(token j sits 1..span positions before b),
-        the offsets equally weighted, in the model's one-token view of text (`offset_presence` for
-        every b at once): [n, n], rows summing to 1. Cached on the view (n^2 numbers)."""
-        cache = self.__dict__.setdefault("_company", {})
-        if span not in cache:
-            M = self.log_probs[:, self.ids].float().exp()
-            M = M / M.sum(-1, keepdim=True).clamp_min(1e-30)  # [s, t]
-            p = self.frequency.float()
-            reach, total = M, torch.zeros_like(M)
-            for k in range(1, span + 1):
-                if k > 1:
-                    reach = M @ reach  # M^k[s, b]
-                at_k = p[:, None] * reach  # [s, b]: s at offset k before b
-                total += at_k / at_k.sum(0, keepdim=True).clamp_min(1e-30)
-            cache[span] = (total / span).T.contiguous()  # [b, s]
-        return cache[span]
+    def each_token_draw(self) -> Tensor:
+        """`competitor_draw` for rows that each place one live token, row b for token b: [n, n].
+        Cached on the view (every head's expected attention uses it)."""
+        if "_each_draw" not in self.__dict__:
+            self.__dict__["_each_draw"] = self.competitor_draw(torch.arange(self.ids.numel(), device=self.ids.device))
+        return self.__dict__["_each_draw"]
 
     def competitor_draw(self, tokens: Tensor, share: float = COMPANY_SHARE) -> Tensor:
         """Draw probabilities of the typical competitors [m, n] for rows that place `tokens` ([m], or

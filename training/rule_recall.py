@@ -358,14 +358,14 @@ def hiding_effects(model: Any, text: str, labels: Sequence[str], vec: Tensor) ->
     return out
 
 
-def _case_prefixes(miss: Case, stories: Sequence[str]) -> list[str]:
+def _case_prefixes(case: Case, stories: Sequence[str]) -> list[str]:
     """Held-out texts that end where the case decides the next word."""
-    if miss.rule == "object_verb":
-        verb = (OBJECT_VERBS[miss.case],)
+    if case.rule == "object_verb":
+        verb = (OBJECT_VERBS[case.case],)
         return [p for s in stories for rule, p, allowed in _rule_prefixes(s) if rule == "object_verb" and allowed == verb]
     # name_recall: a later mention of the name that opens a sentence (the query is ".")
-    return [s[:m.start() + 1] for s in stories if f"named {miss.case}" in s
-            for m in re.finditer(rf"\. {miss.case}\b", s) if m.start() > s.index(f"named {miss.case}")]
+    return [s[:m.start() + 1] for s in stories if f"named {case.case}" in s
+            for m in re.finditer(rf"\. {case.case}\b", s) if m.start() > s.index(f"named {case.case}")]
 
 
 def check_cases(model: Any, results: dict[str, RuleResult], n_stories: int = 60, per_case: int = 8,
