@@ -188,7 +188,8 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
     verbs = {o: w(v) for o, v in OBJECT_VERBS.items()}
     details, hits, cases = [], 0, []
     for obj, verb in verbs.items():
-        e = token_evidence(model, (verb, [v for v in verbs.values() if v != verb]), view=view, competitors=competitors)
+        e = token_evidence(model, (verb, [v for v in verbs.values() if v != verb]), view=view, competitors=competitors,
+                           n_carriers=0)
         top = e.top_tokens(3)
         hits += top[0][0] == w(obj)
         cases.append(Case("object_verb", obj, ([verb], [v for v in verbs.values() if v != verb]), w(obj), top[0][0]))
@@ -201,7 +202,7 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
     pairs = torch.tensor([[not_index, view.index(model.to_single_token(w(g)))] for g in feelings], device=view.ids.device)
     for name, f in FEELINGS.items():
         e = token_evidence(model, ([w(x) for x in f.negative], [w(x) for x in f.positive]), view=view,
-                           competitors=competitors)
+                           competitors=competitors, n_carriers=0)
         # What needs both words: this feeling's negated-minus-plain follow-ups against the other
         # feelings' (' not' alone moves every feeling's follow-ups; the feeling alone moves both of
         # its sets). Named when ' not' meets this feeling more strongly than any other feeling.
@@ -222,7 +223,7 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
                    f"(' not', the feeling) in {pair_hits}/{len(FEELINGS)}")
     out["negation"] = RuleResult("negation", nan, 0, hits / len(FEELINGS), len(FEELINGS), details)
 
-    e = token_evidence(model, (w("she"), w("he")), view=view, competitors=competitors)
+    e = token_evidence(model, (w("she"), w("he")), view=view, competitors=competitors, n_carriers=0)
     values = {name: float(e.total[e.labels.index(w(name))]) for name in NAME_GENDER if w(name) in e.labels}
     right, centre = gender_sides(values)
     out["pronoun"] = RuleResult("pronoun", nan, 0, len(right) / len(NAME_GENDER), len(NAME_GENDER),
@@ -236,7 +237,7 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
     for (temp, time), answer in sorted(CONJUNCTION_ANSWERS.items()):
         other = [a for a in answers if a != answer]
         e = token_evidence(model, (w(answer), [w(o) for o in other]), query=w(time), view=view,
-                           competitors=competitors, n_pairs=0)
+                           competitors=competitors, n_pairs=0, n_carriers=0)
         top = e.top_tokens(3)
         # Compared within the slot (hot vs cold), like pronoun's centring: adding any token to the
         # virtual context shifts the readout, and a model may encode only the cells that flip the
@@ -268,7 +269,8 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
     # among the names a pronoun cannot tell apart.
     for corpus_name, name in zip(NAME_GENDER, names):
         others = [x for c, x in zip(NAME_GENDER, names) if x != name and NAME_GENDER[c] == NAME_GENDER[corpus_name]]
-        e = token_evidence(model, (name, others), query=period, view=view, competitors=competitors, n_pairs=0)
+        e = token_evidence(model, (name, others), query=period, view=view, competitors=competitors, n_pairs=0,
+                           n_carriers=0)
         top = e.top_tokens(1)[0][0]
         hits += top == name
         cases.append(Case("name_recall", corpus_name, ([name], others), name, top))

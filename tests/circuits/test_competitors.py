@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from circuits.competitors import draw_expectations, expected_share
+from circuits.competitors import draw_expectations, expected_share, free_offsets, pool_draw
 
 
 def _enumerate(A, w, p, c):
@@ -39,10 +39,24 @@ def test_draw_expectations_match_enumeration(c, heavy):
 def test_a_rare_heavy_competitor_dims_a_key_only_when_drawn():
     """Against the mean competitor the first key would get 1 / (1 + 0.99 * 1 + 0.01 * 1000) = 0.08;
     averaged over the draw it gets about 0.99 * 1/2."""
-    w = torch.tensor([[1.0, 1000.0, 1.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 1000.0, 1.0], dtype=torch.float64)
     f = torch.tensor([0.99, 0.01, 0.0], dtype=torch.float64)
-    share = expected_share(w, f, competitors=1.0)
-    assert float(share[0, 0]) == pytest.approx(0.99 * 0.5 + 0.01 / 1001, rel=1e-2)
-    assert torch.equal(expected_share(w, f, competitors=0.0), torch.ones_like(w))
+    share = expected_share(w, w, f, competitors=1.0)
+    assert float(share[0]) == pytest.approx(0.99 * 0.5 + 0.01 / 1001, rel=1e-2)
+    assert torch.equal(expected_share(w, w, f, competitors=0.0), torch.ones_like(w))
     with pytest.raises(ValueError, match="at least 1"):
-        expected_share(w, f, competitors=0.5)
+        expected_share(w, w, f, competitors=0.5)
+
+
+def test_competitors_sit_where_the_keys_do_not():
+    """A draw is a free offset of the window (uniformly) and then a token: a key two back leaves
+    offsets 1 and 3 of a 3-offset window, each with half the token draw."""
+    taken = torch.tensor([[2], [-1]])
+    free = free_offsets((1, 2, 3), taken)
+    assert free.tolist() == [[True, False, True], [True, True, True]]
+    draw = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
+    p = pool_draw(free, draw)
+    assert torch.allclose(p[0], torch.tensor([0.125, 0.375, 0.0, 0.0, 0.125, 0.375]))
+    assert torch.allclose(p.sum(-1), torch.ones(2))
+    with pytest.raises(ValueError, match="nowhere to sit"):
+        pool_draw(free_offsets((2,), taken[:1]), draw[:1])
