@@ -136,18 +136,46 @@ def pool_draw(free: Tensor, draw: Tensor) -> Tensor:
     return (where[:, :, None] * tokens[:, None, :]).reshape(free.shape[0], -1)
 
 
-def expected_share(weight: Tensor, pool: Tensor, p: Tensor, competitors: float) -> Tensor:
-    """The attention share of each key against `competitors` typical tokens drawn independently
-    from a pool, averaged over the draws: `E[w_b / (w_b + S)]` for key weights w [K] (exp of the
-    scores), the pool's weights [N] and draw probabilities p [N], or [K, N] per key (`pool_draw`):
-    [K]."""
+def expected_share(weight: Tensor, pool: Tensor, free: Tensor, draw: Tensor, competitors: float,
+                   step: float = 0.25) -> Tensor:
+    """The attention share of each key from one query against `competitors` typical tokens drawn
+    independently, averaged over the draws: `E[w_b / (w_b + S)]` for key weights w [K] (exp of the
+    scores), the pool's weights at each offset of the window [O, n], the offsets each key leaves free
+    [K, O] (bool) and the token draw [n] or [K, n] per key (see `pool_draw`): [K].
+
+    Every key meets the same pool (one query), so one grid in log t (spacing `step`) serves all of
+    them and e^{-t w} is computed once per node, not once per key as in `draw_expectations`."""
     if competitors == 0:
         return torch.ones_like(weight)
-    out = torch.empty_like(weight)
-    step = max(1, 2 ** 22 // max(pool.shape[-1], 1))
-    for s in range(0, weight.shape[0], step):
-        b = weight[s:s + step]  # the keys, each its own "known mass"
-        probs = p.to(weight) if p.ndim == 1 else p[s:s + step].to(weight)
-        inv, _ = draw_expectations(b, pool.to(weight).expand(b.numel(), -1), probs, competitors, each=False)
-        out[s:s + step] = b * inv
-    return out
+    if competitors < 1:
+        raise ValueError(f"competitors must be 0 or at least 1 (independent draws), got {competitors}")
+    if not bool(free.any(-1).all()):
+        raise ValueError("a key holds every offset of the window, so its competitors have nowhere to sit; "
+                         "widen the window or pass competitors=0")
+    A = weight.clamp_min(1e-30)
+    pool, draw = pool.to(A), draw.to(A)
+    where = free.to(A) / free.sum(-1, keepdim=True).to(A)  # [K, O]
+    if draw.ndim == 1:
+        mean_w = where @ (pool @ draw)
+    else:
+        mean_w = ((where @ pool) * draw).sum(-1)  # [K]
+    lo = float((-torch.log(A + competitors * mean_w) - 5.0).min())
+    hi = float((-torch.log(A) + 4.0).max())
+    G = max(2, int((hi - lo) / step) + 2)
+    tau = torch.linspace(lo, hi, G, dtype=A.dtype, device=A.device)
+    t = tau.exp()
+    trap = torch.ones_like(t)
+    trap[[0, -1]] = 0.5
+    dt = t * (hi - lo) / (G - 1) * trap
+    inv = _tail(t[0], A)  # below the first node phi ~ 1 for every key
+    K, (O, n) = A.shape[0], pool.shape
+    per = max(1, 2 ** 24 // max(K * O, n * O))  # nodes per pass
+    for s in range(0, G, per):
+        e = torch.exp(-t[s:s + per, None, None] * pool)  # [g, O, n]
+        g = e.shape[0]
+        if draw.ndim == 1:
+            phi = where @ (e @ draw).T  # [K, g]
+        else:
+            phi = ((draw @ e.reshape(g * O, n).T).view(K, g, O) * where[:, None, :]).sum(-1)
+        inv = inv + (dt[s:s + per] * torch.exp(-t[s:s + per] * A[:, None]) * phi.clamp_min(1e-30) ** competitors).sum(-1)
+    return weight * inv

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from .directions import logit_diff_direction, unembed_direction
 from .attention import ov_matrices
-from .competitors import CONTEXT_WINDOW, TYPICAL_COMPETITORS, expected_share, free_offsets, pool_draw
+from .competitors import CONTEXT_WINDOW, TYPICAL_COMPETITORS, expected_share, free_offsets
 from .interaction import augment_input
 from .mlp import check_bilinear, interaction_matrix, mlp_weights
 from .paths import top_pair_entries
@@ -201,7 +201,7 @@ def key_attention(model: Any, view: TokenView, layer: int, head: int, query_inde
     weight = (logits - logits.amax()).exp()  # [P, n]: one query, so one shift for every key and offset
     n, dev = weight.shape[1], weight.device
     at = {o: i for i, o in enumerate(positions)}
-    pool = weight[[at[o] for o in window] if rotary else [0]].reshape(-1)  # [O * n], offset-major
+    pool = weight[[at[o] for o in window] if rotary else [0]]  # [O, n]
     tokens = view.each_token_draw().float() if company else view.frequency.float()
     if not rotary:
         place = torch.zeros(n, 1, dtype=torch.long, device=dev)
@@ -210,19 +210,12 @@ def key_attention(model: Any, view: TokenView, layer: int, head: int, query_inde
     else:
         slot = torch.tensor([at[o] for o in offsets], device=dev)
         place = slot[weight[slot].argmax(0)][:, None]  # [n, 1]: each key's best offset
-    place_offset = torch.tensor(positions, device=dev)[place]  # [n, S]
     keys = torch.arange(n, device=dev)
     shares = []
-    step = max(1, 2 ** 22 // max(pool.numel(), 1))
     for j in range(place.shape[1]):
-        share = torch.empty(n, device=dev)
-        for s in range(0, n, step):
-            part = keys[s:s + step]
-            free = (free_offsets(window, place_offset[part, j:j + 1]) if rotary
-                    else torch.ones(part.numel(), 1, dtype=torch.bool, device=dev))
-            p = pool_draw(free, tokens[part] if company else tokens)
-            share[part] = expected_share(weight[place[part, j], part], pool, p, competitors)
-        shares.append(share)
+        free = (free_offsets(window, torch.tensor(positions, device=dev)[place[:, j:j + 1]]) if rotary
+                else torch.ones(n, 1, dtype=torch.bool, device=dev))
+        shares.append(expected_share(weight[place[:, j], keys], pool, free, tokens, competitors))
     return torch.stack(shares).mean(0)
 
 

@@ -61,7 +61,7 @@ def _rotate(model: Any, layer: int, t: Tensor, position: Union[int, Tensor]) -> 
 @torch.no_grad()
 def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
                     competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048,
-                    blocked: Optional[tuple[int, int]] = None, key_offsets: Optional[Sequence[int]] = None,
+                    blocked: Optional[tuple[int, int]] = None, key_offsets: Union[Sequence[int], Tensor, None] = None,
                     row_offsets: Optional[Tensor] = None, draw: Optional[Tensor] = None,
                     window: Sequence[int] = CONTEXT_WINDOW) -> Tensor:
     """`u . ln_final(resid)` at the query, for each row of virtual key tokens: [m].
@@ -69,8 +69,8 @@ def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Te
     query: index into `view.ids`; keys: [m, k] indices into `view.ids` (-1: no token in that slot);
     u: [d_model] (a direction that includes the final norm's gain, e.g. `unembed_direction`);
     blocked: (layer, head) that may not attend to the key tokens (what that head carries);
-    key_offsets: [k], slot j sits exactly key_offsets[j] before the query (instead of every key at
-    its best offset in `offsets`); row_offsets: [m], every key of row i sits row_offsets[i] before
+    key_offsets: [k] (or [m, k] per row), slot j sits exactly key_offsets[j] before the query
+    (instead of every key at its best offset in `offsets`); row_offsets: [m], every key of row i sits row_offsets[i] before
     the query (many single-offset readouts in one pass). The typical competitors sit at the offsets
     of `window` that the row's slots leave free, an empty slot included (so a row with a key and the
     same row without it differ only by the key); with keys at their best offsets, anywhere in the
@@ -80,9 +80,11 @@ def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Te
         raise ValueError(f"keys must be [m, k] indices into the live tokens (-1 for none), got {tuple(keys.shape)}")
     m = keys.shape[0]
     if key_offsets is not None:
-        if len(key_offsets) != keys.shape[1]:
-            raise ValueError(f"{len(key_offsets)} key offsets for {keys.shape[1]} key slots")
-        at = torch.as_tensor(list(key_offsets), device=keys.device).expand(m, -1)
+        at = torch.as_tensor(key_offsets if isinstance(key_offsets, Tensor) else list(key_offsets), device=keys.device)
+        if at.shape[-1] != keys.shape[1] or (at.ndim == 2 and at.shape[0] != m) or at.ndim > 2:
+            raise ValueError(f"key offsets of shape {tuple(at.shape)} for {keys.shape[1]} key slots in {m} rows "
+                             f"(give [k], or [m, k] per row)")
+        at = at.expand(m, -1)
     elif row_offsets is not None:
         if row_offsets.shape != (m,):
             raise ValueError(f"row_offsets must be [m] = [{m}] and cannot go with key_offsets")
@@ -150,7 +152,10 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
             best_logits = by_offset[[where[o] for o in best]].amax(0)  # [m, H, n]
             s_keys = best_logits.gather(-1, safe[:, None, :].expand(m, H, n_keys))  # [m, H, k]
         else:  # slot j of row i at at[i, j]
-            slot = torch.tensor([[where[int(o)] if rotary else 0 for o in row] for row in at.tolist()], device=keys.device)  # [m, k]
+            lookup = torch.zeros(max(max(positions), int(at.max())) + 1, dtype=torch.long, device=keys.device)
+            if rotary:
+                lookup[torch.tensor(positions, device=keys.device)] = torch.arange(len(positions), device=keys.device)
+            slot = lookup[at]  # [m, k]: index into positions (all 0 without rotary)
             s_keys = torch.stack([by_offset[slot[:, j], rows, :, safe[:, j]] for j in range(n_keys)], -1)  # [m, H, k]
         shift = torch.maximum(by_offset.amax((0, -1)), s_self)  # [m, H]
         w_keys = (s_keys - shift[..., None]).exp() * present[:, None, :]
@@ -221,16 +226,14 @@ def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor,
     gap = torch.full_like(pairs[:, :1], -1)
     rows = torch.cat([pairs, torch.cat([pairs[:, :1], gap], 1), torch.cat([gap, pairs[:, 1:]], 1),
                       torch.cat([gap, gap], 1)])  # both, s, t, none
-    draws = None if draw is None else draw.repeat(4, 1)
-    total, count = torch.zeros(P, dtype=u.dtype, device=pairs.device), 0
-    for o_s in offsets:
-        for o_t in offsets:
-            if o_s != o_t:  # the same context for all four: only which tokens are present changes
-                f = virtual_readout(model, view, query, rows, u, competitors, key_offsets=(o_s, o_t), draw=draws,
-                                    window=window)
-                total += f[:P] - f[P:2 * P] - f[2 * P:3 * P] + f[3 * P:]
-                count += 1
-    return total / count
+    placements = [(o_s, o_t) for o_s in offsets for o_t in offsets if o_s != o_t]
+    # Every placement in one pass; the same context for all four rows of a placement: only which
+    # tokens are present changes.
+    at = torch.tensor(placements, device=pairs.device).repeat_interleave(4 * P, 0)  # [placements * 4P, 2]
+    f = virtual_readout(model, view, query, rows.repeat(len(placements), 1), u, competitors, key_offsets=at,
+                        draw=None if draw is None else draw.repeat(4 * len(placements), 1), window=window)
+    f = f.view(len(placements), 4, P)
+    return (f[:, 0] - f[:, 1] - f[:, 2] + f[:, 3]).mean(0)
 
 
 def _normalized(model: Any, x: Tensor) -> Tensor:
