@@ -12,10 +12,11 @@ it is in the context, pushes u?". We answer it with a weight-only stand-in for a
   over the draws (`circuits.competitors`) -- not the share against the mean competitor, which lets
   a token that takes all attention when present but is rarely present (a frequent name, for a head
   that reads names) dim every key in every context -- with `s` the head's QK logit between the
-  query's and the key's effective embeddings (`circuits.token_view`), averaged over the offsets in
+  query's effective embedding and the key's context embedding (`circuits.context_view`: the key
+  with the typical text before it, not alone at the start of a sequence), averaged over the offsets in
   `offsets` (rotary models: the token sits at each in turn, and the competitors at the window's
   other offsets, each scored at its own: a head that reads one distance meets there only the key);
-* what the head then writes is the key's effective embedding, normalized, through `diag(g) W_V W_O`.
+* what the head then writes is the key's context embedding, normalized, through `diag(g) W_V W_O`.
 
 A token's **evidence** is what its presence adds to u at the query: the model at the query's
 position in a virtual context of the query, the token and typical filler (one competitor in five
@@ -65,7 +66,8 @@ from .interaction import augment_input
 from .mlp import check_bilinear, interaction_matrix, mlp_weights
 from .paths import top_pair_entries
 from .readout import Live, token_label
-from .token_view import TokenView, token_view
+from .context_view import context_view
+from .token_view import TokenView
 from .virtual_context import expected_readout
 
 DEFAULT_OFFSETS = tuple(range(1, 9))  # key_attention's best-offset search
@@ -236,7 +238,8 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     target: a token (str or id) or set of tokens -> its (mean) logit; a pair (a, b) -> the logit
     difference a - b. query: the token the prediction follows (default: the live token after which
     the target's tokens are most likely). competitors: how many typical tokens each attended token
-    competes with. view: a precomputed `token_view(model, live)` (reuse it across targets). n_carriers:
+    competes with. view: a precomputed `context_view(model, live=live, competitors=competitors)` (reuse
+    it across targets; a one-token `token_view` reads keys alone). n_carriers:
     which head carries a token is measured for this many top tokens of each sign (NaN for the rest)."""
     check_bilinear(model)
     if isinstance(target, tuple) and len(target) == 2:
@@ -246,7 +249,7 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     else:
         a = _token_ids(model, target)
         u, class_ids, label = unembed_direction(model, a), a, f"logit {[token_label(model, t) for t in a]}"
-    view = token_view(model, live) if view is None else view
+    view = context_view(model, live=live, competitors=competitors) if view is None else view
     if query is None:
         qi = int(view.log_probs[:, class_ids].logsumexp(-1).argmax())
     else:
