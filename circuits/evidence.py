@@ -7,14 +7,16 @@ it is in the context, pushes u?". We answer it with a weight-only stand-in for a
   next-token distribution puts the most mass on the target's tokens, or one you name);
 * each head of each layer attends from the query to a key token b with an **expected attention**
   `p_h(b) = E[e^{s(b)} / (e^{s(b)} + S)]`: the share b gets against `c` typical competitors drawn
-  independently by their frequency in the training text (`competitors`, by default the other 15
-  positions of the 16-token window; S is their summed e^s), averaged over the draws
-  (`circuits.competitors`) -- not the share against the mean competitor, which lets a token that
-  takes all attention when present but is rarely present (a frequent name, for a head that reads
-  names) dim every key in every context -- with `s` the head's QK logit between the query's and the
-  key's effective embeddings (`circuits.token_view`), averaged over the offsets in `offsets` (rotary
-  models: the token sits at each in turn);
-* what the head then writes is the key's effective embedding, normalized, through `diag(g) W_V W_O`.
+  independently by their frequency in the training text (`competitors`, by default one at each of
+  the other 15 positions of the 16-token window, `CONTEXT_WINDOW`; S is their summed e^s), averaged
+  over the draws (`circuits.competitors`) -- not the share against the mean competitor, which lets
+  a token that takes all attention when present but is rarely present (a frequent name, for a head
+  that reads names) dim every key in every context -- with `s` the head's QK logit between the
+  query's effective embedding and the key's context embedding (`circuits.context_view`: the key
+  with the typical text before it, not alone at the start of a sequence), averaged over the offsets in
+  `offsets` (rotary models: the token sits at each in turn, and the competitors at the window's
+  other offsets, each scored at its own: a head that reads one distance meets there only the key);
+* what the head then writes is the key's context embedding, normalized, through `diag(g) W_V W_O`.
 
 A token's **evidence** is what its presence adds to u at the query: the model at the query's
 position in a virtual context of the query, the token and typical filler (one competitor in five
@@ -59,16 +61,16 @@ from torch import Tensor
 
 from .directions import logit_diff_direction, unembed_direction
 from .attention import ov_matrices
-from .competitors import TYPICAL_COMPETITORS, expected_share
+from .competitors import CONTEXT_WINDOW, TYPICAL_COMPETITORS, expected_share, free_offsets
 from .interaction import augment_input
 from .mlp import check_bilinear, interaction_matrix, mlp_weights
 from .paths import top_pair_entries
 from .readout import Live, token_label
-from .token_view import TokenView, token_view
+from .context_view import context_view
+from .token_view import TokenView
 from .virtual_context import expected_readout
 
 DEFAULT_OFFSETS = tuple(range(1, 9))  # key_attention's best-offset search
-CONTEXT_WINDOW = tuple(range(1, 17))  # where token_evidence places a context token (each in turn)
 TokenSet = Union[int, str, Sequence[Union[int, str]]]
 
 
@@ -173,31 +175,50 @@ def _token_ids(model: Any, tokens: TokenSet) -> list[int]:
 @torch.no_grad()
 def key_attention(model: Any, view: TokenView, layer: int, head: int, query_index: int,
                   offsets: Sequence[int] = DEFAULT_OFFSETS, competitors: float = TYPICAL_COMPETITORS,
-                  average: bool = False, company: bool = True) -> Tensor:
+                  average: bool = False, company: bool = True, window: Sequence[int] = CONTEXT_WINDOW) -> Tensor:
     """Expected attention of head `layer`.`head` from the query (`view.ids[query_index]`) to every
-    live key token, against `competitors` typical keys drawn by frequency, at the same offset (see the module
-    docstring): [n]. The key sits at its best offset in `offsets` (rotary models), or with
-    average=True at each offset in turn (the mean attention over them). company: each key brings
-    its usual company into the draws (`circuits.competitors`)."""
+    live key token, against `competitors` typical tokens drawn by frequency at the other offsets of
+    `window` (see the module docstring): [n]. The key sits at its best offset in `offsets` (rotary
+    models), or with average=True at each offset in turn (the mean attention over them). company:
+    each key brings its usual company into the draws (`circuits.competitors`)."""
     gain = getattr(model.blocks[layer].ln1, "w", None)
     X = view.normalized(layer)
     X = X * gain.detach() if gain is not None else X
     q = X[query_index:query_index + 1] @ model.W_Q[layer, head].detach()  # [1, d_head]
     k = X @ model.W_K[layer, head].detach()  # [n, d_head]
     offsets = [o for o in offsets if 0 <= o < model.cfg.n_ctx] or [0]
-    if model.cfg.positional_embedding_type == "rotary":
-        rotary = model.blocks[layer].attn.rotary
-        k = rotary(k[None, :, None], torch.zeros((1, k.shape[0]), dtype=torch.long, device=k.device))[0, :, 0]
+    window = [o for o in window if 0 < o < model.cfg.n_ctx] or [1]
+    rotary = model.cfg.positional_embedding_type == "rotary"
+    # Without rotary the scores do not depend on the offset: one position stands for all.
+    positions = sorted(set(offsets) | set(window)) if rotary else [0]
+    if rotary:
+        rot = model.blocks[layer].attn.rotary
+        k = rot(k[None, :, None], torch.zeros((1, k.shape[0]), dtype=torch.long, device=k.device))[0, :, 0]
         logits = torch.stack([
-            (rotary(q[None, :, None], torch.full((1, 1), o, dtype=torch.long, device=q.device))[0, :, 0] @ k.T)[0]
-            for o in offsets])  # [offsets, n]
-        logits = logits if average else logits.amax(0, keepdim=True)
+            (rot(q[None, :, None], torch.full((1, 1), o, dtype=torch.long, device=q.device))[0, :, 0] @ k.T)[0]
+            for o in positions])  # [P, n]
     else:
-        logits = q @ k.T  # [1, n]: no position in the scores
+        logits = q @ k.T  # [1, n]
     logits = logits.float() / model.cfg.d_head ** 0.5
-    weight = (logits - logits.amax(-1, keepdim=True)).exp()  # [O, n]
-    draw = view.each_token_draw().float() if company else None
-    return expected_share(weight, view.frequency.float(), competitors, draw=draw).mean(0)
+    weight = (logits - logits.amax()).exp()  # [P, n]: one query, so one shift for every key and offset
+    n, dev = weight.shape[1], weight.device
+    at = {o: i for i, o in enumerate(positions)}
+    pool = weight[[at[o] for o in window] if rotary else [0]]  # [O, n]
+    tokens = view.each_token_draw().float() if company else view.frequency.float()
+    if not rotary:
+        place = torch.zeros(n, 1, dtype=torch.long, device=dev)
+    elif average:
+        place = torch.tensor([at[o] for o in offsets], device=dev).expand(n, -1)  # [n, len(offsets)]
+    else:
+        slot = torch.tensor([at[o] for o in offsets], device=dev)
+        place = slot[weight[slot].argmax(0)][:, None]  # [n, 1]: each key's best offset
+    keys = torch.arange(n, device=dev)
+    shares = []
+    for j in range(place.shape[1]):
+        free = (free_offsets(window, torch.tensor(positions, device=dev)[place[:, j:j + 1]]) if rotary
+                else torch.ones(n, 1, dtype=torch.bool, device=dev))
+        shares.append(expected_share(weight[place[:, j], keys], pool, free, tokens, competitors))
+    return torch.stack(shares).mean(0)
 
 
 def _final_scale(model: Any, resid: Tensor) -> Tensor:
@@ -217,9 +238,9 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     target: a token (str or id) or set of tokens -> its (mean) logit; a pair (a, b) -> the logit
     difference a - b. query: the token the prediction follows (default: the live token after which
     the target's tokens are most likely). competitors: how many typical tokens each attended token
-    competes with. view: a precomputed `token_view(model, live)` (reuse it across targets). n_carriers:
-    which head carries a token is measured for this many top tokens of each sign (NaN for the rest;
-    0: none, which saves a virtual readout per head)."""
+    competes with. view: a precomputed `context_view(model, live=live, competitors=competitors)` (reuse
+    it across targets; a one-token `token_view` reads keys alone). n_carriers:
+    which head carries a token is measured for this many top tokens of each sign (NaN for the rest)."""
     check_bilinear(model)
     if isinstance(target, tuple) and len(target) == 2:
         a, b = _token_ids(model, target[0]), _token_ids(model, target[1])
@@ -228,7 +249,7 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     else:
         a = _token_ids(model, target)
         u, class_ids, label = unembed_direction(model, a), a, f"logit {[token_label(model, t) for t in a]}"
-    view = token_view(model, live) if view is None else view
+    view = context_view(model, live=live, competitors=competitors) if view is None else view
     if query is None:
         qi = int(view.log_probs[:, class_ids].logsumexp(-1).argmax())
     else:

@@ -180,7 +180,7 @@ def write_report(model: Any, target: Any, out: Path, layers: Optional[Sequence[i
                "",
                "Evidence of a context token: what its presence adds to the target at the query, with every layer "
                f"computed from the weights in a virtual context (the query, the token, and {TYPICAL_COMPETITORS:g} "
-               f"competitor tokens drawn independently -- the rest of the window: by training frequency, or one time in "
+               f"competitor tokens drawn independently, one at each other position of the window: by training frequency, or one time in "
                f"five from the tokens that usually sit just before the token -- each head's output averaged over the "
                f"draws; each head attends with the weight its QK circuit gives), compared with the same context "
                f"without the token, averaged over the token sitting 1 to "

@@ -11,9 +11,10 @@ once by running the query's position layer by layer:
 * head h of layer l attends from the query (its current simulated residual, so a token that an
   earlier layer brought changes where later heads look: Q-composition) to itself (offset 0), to each
   key token (at the best offset in `offsets`), and to `competitors` typical tokens drawn
-  independently by training frequency; the head's output is averaged over the draws
-  (`circuits.competitors`; each head draws on its own), so a rarely present token that takes all
-  attention when there dims the keys only in the contexts that hold it;
+  independently by training frequency, each at a position of the 16-token window that no key holds;
+  the head's output is averaged over the draws (`circuits.competitors`; each head draws on its own),
+  so a rarely present token that takes all attention when there dims the keys only in the contexts
+  that hold it, and a token a head wants only at one distance competes only from there;
 * a key token is seen through its effective embedding (`circuits.token_view`): what the model builds
   for the token alone, which is exactly what the model holds at that position when the key is the
   first token of the sequence.
@@ -35,7 +36,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .competitors import TYPICAL_COMPETITORS, draw_expectations
+from .competitors import CONTEXT_WINDOW, TYPICAL_COMPETITORS, draw_expectations, free_offsets, pool_draw
 from .token_view import TokenView
 
 
@@ -60,91 +61,103 @@ def _rotate(model: Any, layer: int, t: Tensor, position: Union[int, Tensor]) -> 
 @torch.no_grad()
 def virtual_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
                     competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = tuple(range(1, 9)), chunk: int = 2048,
-                    blocked: Optional[tuple[int, int]] = None, key_offsets: Optional[Sequence[int]] = None,
-                    row_offsets: Optional[Tensor] = None, draw: Optional[Tensor] = None) -> Tensor:
+                    blocked: Optional[tuple[int, int]] = None, key_offsets: Union[Sequence[int], Tensor, None] = None,
+                    row_offsets: Optional[Tensor] = None, draw: Optional[Tensor] = None,
+                    window: Sequence[int] = CONTEXT_WINDOW) -> Tensor:
     """`u . ln_final(resid)` at the query, for each row of virtual key tokens: [m].
 
     query: index into `view.ids`; keys: [m, k] indices into `view.ids` (-1: no token in that slot);
     u: [d_model] (a direction that includes the final norm's gain, e.g. `unembed_direction`);
     blocked: (layer, head) that may not attend to the key tokens (what that head carries);
-    key_offsets: [k], slot j sits exactly key_offsets[j] before the query (instead of every key at
-    its best offset in `offsets`; typical competitors then sit at those offsets, equally);
-    row_offsets: [m], every key (and typical competitor) of row i sits row_offsets[i] before the query
-    (many single-offset readouts in one pass); draw: [m, n], the competitors' draw probabilities per
-    row (`circuits.competitors.company_draw`; default: training frequency for every row)."""
+    key_offsets: [k] (or [m, k] per row), slot j sits exactly key_offsets[j] before the query
+    (instead of every key at its best offset in `offsets`); row_offsets: [m], every key of row i sits row_offsets[i] before
+    the query (many single-offset readouts in one pass). The typical competitors sit at the offsets
+    of `window` that the row's slots leave free, an empty slot included (so a row with a key and the
+    same row without it differ only by the key); with keys at their best offsets, anywhere in the
+    window. draw: [m, n], the competitors' token probabilities per row
+    (`circuits.competitors.company_draw`; default: training frequency for every row)."""
     if keys.ndim != 2:
         raise ValueError(f"keys must be [m, k] indices into the live tokens (-1 for none), got {tuple(keys.shape)}")
-    # Each row scores every live key at every offset ([offsets, rows, heads, n_live] logits): keep
-    # that under ~2^25 numbers. The cost grows as n_live^2, so whole-vocabulary evidence is meant for
-    # small vocabularies (the built-in corpus); for a 32k vocabulary pass a live mask of a few thousand.
+    m = keys.shape[0]
     if key_offsets is not None:
-        if len(key_offsets) != keys.shape[1]:
-            raise ValueError(f"{len(key_offsets)} key offsets for {keys.shape[1]} key slots")
-        offsets = sorted(set(key_offsets))
-    if draw is not None and draw.shape != (keys.shape[0], view.ids.numel()):
-        raise ValueError(f"draw must be [m, n_live] = [{keys.shape[0]}, {view.ids.numel()}], got {tuple(draw.shape)}")
-    if row_offsets is not None:
-        if key_offsets is not None or row_offsets.shape != (keys.shape[0],):
-            raise ValueError(f"row_offsets must be [m] = [{keys.shape[0]}] and cannot go with key_offsets")
-        offsets = [1]  # one offset per row
-    per_row = max(1, len(offsets) * model.cfg.n_heads * view.ids.numel())
+        at = torch.as_tensor(key_offsets if isinstance(key_offsets, Tensor) else list(key_offsets), device=keys.device)
+        if at.shape[-1] != keys.shape[1] or (at.ndim == 2 and at.shape[0] != m) or at.ndim > 2:
+            raise ValueError(f"key offsets of shape {tuple(at.shape)} for {keys.shape[1]} key slots in {m} rows "
+                             f"(give [k], or [m, k] per row)")
+        at = at.expand(m, -1)
+    elif row_offsets is not None:
+        if row_offsets.shape != (m,):
+            raise ValueError(f"row_offsets must be [m] = [{m}] and cannot go with key_offsets")
+        at = row_offsets.to(keys.device)[:, None].expand(m, keys.shape[1])
+    else:
+        at = None  # each key at its best offset in `offsets`
+    if draw is not None and draw.shape != (m, view.ids.numel()):
+        raise ValueError(f"draw must be [m, n_live] = [{m}, {view.ids.numel()}], got {tuple(draw.shape)}")
+    window = [o for o in window if 0 < o < model.cfg.n_ctx] or [1]
+    best = [o for o in offsets if 0 < o < model.cfg.n_ctx] or [1]
+    placed = sorted(set(at.unique().tolist())) if at is not None else best
+    # Every row scores every live token at every offset ([offsets, rows, heads, n_live] logits) and
+    # draws competitors over (offset, token) pairs: keep that under ~2^25 numbers. The cost grows as
+    # n_live^2, so whole-vocabulary evidence is meant for small vocabularies (the built-in corpus);
+    # for a 32k vocabulary pass a live mask of a few thousand.
+    per_row = max(1, (len(window) + len(placed)) * model.cfg.n_heads * view.ids.numel())
     chunk = max(1, min(chunk, 2 ** 25 // per_row))
-    out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, offsets, blocked, key_offsets,
-                          None if row_offsets is None else row_offsets[s:s + chunk],
-                          None if draw is None else draw[s:s + chunk])
-           for s in range(0, keys.shape[0], chunk)]
+    out = [_virtual_chunk(model, view, query, keys[s:s + chunk], u, competitors, best, window, blocked,
+                          None if at is None else at[s:s + chunk], None if draw is None else draw[s:s + chunk])
+           for s in range(0, m, chunk)]
     return torch.cat(out) if out else u.new_zeros(0)
 
 
 def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor, competitors: float,
-                   offsets: Sequence[int], blocked: Optional[tuple[int, int]] = None,
-                   key_offsets: Optional[Sequence[int]] = None, row_offsets: Optional[Tensor] = None,
-                   draw: Optional[Tensor] = None) -> Tensor:
+                   best: Sequence[int], window: Sequence[int], blocked: Optional[tuple[int, int]],
+                   at: Optional[Tensor], draw: Optional[Tensor]) -> Tensor:
     cfg = model.cfg
     m, n_keys = keys.shape
     dtype = view.resid[0].dtype
-    offsets = [o for o in offsets if 0 < o < cfg.n_ctx] or [1]
-    q_pos = max(offsets)  # the query sits after every key; only relative offsets matter (rotary)
     present = keys >= 0  # [m, k]
     safe = keys.clamp_min(0)
+    rows = torch.arange(m, device=keys.device)
+    # The offsets any head scores: the window (competitors) and where the keys may sit. Without
+    # rotary the scores do not depend on the offset, and one position stands for all.
+    rotary = cfg.positional_embedding_type == "rotary"
+    positions = sorted(set(window) | set(best if at is None else at.unique().tolist())) if rotary else [0]
+    where = {o: i for i, o in enumerate(positions)} if rotary else {o: 0 for o in set(window) | set(best)}
+    win = torch.tensor([where[o] for o in window] if rotary else [0], device=keys.device)
+    if competitors:
+        free = free_offsets(window, at) if rotary and at is not None else torch.ones(m, win.numel(), dtype=torch.bool, device=keys.device)
+        p_draw = pool_draw(free, view.frequency.to(dtype) if draw is None else draw.to(dtype))  # [m, O * n]
     x = model.W_E.detach()[view.ids[query]].to(dtype).expand(m, -1).clone()  # [m, d_model]
-    freq = view.frequency.to(dtype)
     for l in range(cfg.n_layers):
         block = model.blocks[l]
         W_Q, W_K, W_V = model.W_Q[l].detach(), model.W_K[l].detach(), model.W_V[l].detach()  # [H, d, dh]
         b_Q, b_K, b_V = model.b_Q[l].detach(), model.b_K[l].detach(), model.b_V[l].detach()  # [H, dh]
         W_O, b_O = model.W_O[l].detach(), model.b_O[l].detach()  # [H, dh, d], [d]
         scale = cfg.d_head ** -0.5
-        # The query's own query/key/value, from its simulated residual.
+        # The query's own query/key/value, from its simulated residual (only relative offsets matter:
+        # a key o before the query is a query rotated by o against a key at 0).
         xq = _norm(model, block.ln1, x)
         q = torch.einsum("md,hdk->mhk", xq, W_Q) + b_Q
         k_self = torch.einsum("md,hdk->mhk", xq, W_K) + b_K
         v_self = torch.einsum("md,hdk->mhk", xq, W_V) + b_V
-        s_self = (_rotate(model, l, q, q_pos) * _rotate(model, l, k_self, q_pos)).sum(-1) * scale  # [m, H]
-        # Every live token as a key: effective embeddings, best offset per (query row, key).
+        s_self = (q * k_self).sum(-1) * scale  # [m, H]
+        # Every live token as a key (effective embeddings) at every offset.
         xk = _norm(model, block.ln1, view.resid[l].to(dtype))
         k_all = torch.einsum("nd,hdk->nhk", xk, W_K) + b_K  # [n, H, dh]
         v_all = torch.einsum("nd,hdk->nhk", xk, W_V) + b_V
-        k_rot = _rotate(model, l, k_all, q_pos - max(offsets))
-        if row_offsets is not None:  # row i: every key at offset row_offsets[i]
-            q_rows = _rotate(model, l, q, q_pos - max(offsets) + row_offsets)
-            by_offset = torch.einsum("mhk,nhk->mhn", q_rows, k_rot)[None] * scale  # [1, m, H, n]
-        else:
-            by_offset = torch.stack([
-                torch.einsum("mhk,nhk->mhn", _rotate(model, l, q, q_pos - max(offsets) + o), k_rot)
-                for o in offsets]) * scale  # [O, m, H, n]
-        if key_offsets is None:  # every key (and competitor) at its best offset (or its row's)
-            logits = by_offset.amax(0)  # [m, H, n]
-            shift = torch.maximum(logits.amax(-1), s_self)  # [m, H]
-            w_all = (logits - shift[..., None]).exp()[None]  # [1, m, H, n]
-            s_keys = logits.gather(-1, safe[:, None, :].expand(m, logits.shape[1], n_keys))  # [m, H, k]
-        else:  # slot j at its own offset; a competitor at any of those offsets, equally likely
-            shift = torch.maximum(by_offset.amax((0, -1)), s_self)
-            w_all = (by_offset - shift[..., None]).exp()  # [O, m, H, n]
-            slot = torch.tensor([offsets.index(o) for o in key_offsets], device=keys.device)
-            rows = torch.arange(m, device=keys.device)
-            s_keys = torch.stack([by_offset[slot[j], rows, :, safe[:, j]] for j in range(n_keys)], -1)  # [m, H, k]
-        # The query itself and the key tokens of each row.
+        k_rot = _rotate(model, l, k_all, 0)
+        by_offset = torch.stack([torch.einsum("mhk,nhk->mhn", _rotate(model, l, q, o), k_rot)
+                                 for o in positions]) * scale  # [P, m, H, n]
+        H, n = by_offset.shape[2], by_offset.shape[3]
+        if at is None:  # every key at its best offset
+            best_logits = by_offset[[where[o] for o in best]].amax(0)  # [m, H, n]
+            s_keys = best_logits.gather(-1, safe[:, None, :].expand(m, H, n_keys))  # [m, H, k]
+        else:  # slot j of row i at at[i, j]
+            lookup = torch.zeros(max(max(positions), int(at.max())) + 1, dtype=torch.long, device=keys.device)
+            if rotary:
+                lookup[torch.tensor(positions, device=keys.device)] = torch.arange(len(positions), device=keys.device)
+            slot = lookup[at]  # [m, k]: index into positions (all 0 without rotary)
+            s_keys = torch.stack([by_offset[slot[:, j], rows, :, safe[:, j]] for j in range(n_keys)], -1)  # [m, H, k]
+        shift = torch.maximum(by_offset.amax((0, -1)), s_self)  # [m, H]
         w_keys = (s_keys - shift[..., None]).exp() * present[:, None, :]
         if blocked is not None and blocked[0] == l:
             w_keys[:, blocked[1]] = 0.0
@@ -152,21 +165,17 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
         v_keys = v_all[safe]  # [m, k, H, dh]
         known = w_self[..., None] * v_self + torch.einsum("mhk,mkhd->mhd", w_keys, v_keys)  # [m, H, dh]
         known_mass = w_self + w_keys.sum(-1)  # [m, H]
-        # The competitors: `competitors` typical tokens drawn independently by training frequency
-        # (and, with pinned slots, each at one of the slots' offsets), the head's output averaged
-        # over the draws (`circuits.competitors`).
         if competitors == 0:
             z = known / known_mass[..., None]
         else:
-            O, H, n = w_all.shape[0], w_all.shape[2], w_all.shape[3]
-            w_draw = w_all.permute(1, 2, 0, 3).reshape(m * H, O * n)  # one draw: an (offset, token) pair
-            if draw is None:
-                p_draw = (freq / O).repeat(O)
-            else:
-                p_draw = (draw.to(dtype)[:, None, None, :] / O).expand(m, H, O, n).reshape(m * H, O * n)
-            inv, each = draw_expectations(known_mass.reshape(-1), w_draw, p_draw, competitors)
-            weight = (competitors * p_draw * w_draw * each).view(m, H, O, n)
-            z = known * inv.view(m, H, 1) + torch.einsum("mhon,nhk->mhk", weight, v_all)
+            # `competitors` typical tokens drawn independently over (free offset, token) pairs, the
+            # head's output averaged over the draws (`circuits.competitors`).
+            O = win.numel()
+            w_pool = (by_offset[win] - shift[None, ..., None]).exp()  # [O, m, H, n]
+            w_pool = w_pool.permute(1, 2, 0, 3).reshape(m, H, O * n)  # the heads of a row share its draw
+            inv, each = draw_expectations(known_mass, w_pool, p_draw, competitors)  # [m, H], [m, H, O * n]
+            weight = (each.mul_(w_pool).mul_(p_draw[:, None]) * competitors).view(m, H, O, n).sum(2)  # [m, H, n]
+            z = known * inv[..., None] + torch.einsum("mhn,nhk->mhk", weight, v_all)
         x = x + torch.einsum("mhd,hdo->mo", z, W_O) + b_O
         x = x + block.mlp(_norm(model, block.ln2, x)[:, None])[:, 0]
     return _normalized(model, x) @ u.to(dtype)
@@ -174,9 +183,9 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
 
 @torch.no_grad()
 def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: Tensor,
-                     competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = tuple(range(1, 17)),
+                     competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = CONTEXT_WINDOW,
                      blocked: Optional[tuple[int, int]] = None, weights: Optional[Tensor] = None,
-                     draw: Optional[Tensor] = None) -> Tensor:
+                     draw: Optional[Tensor] = None, window: Sequence[int] = CONTEXT_WINDOW) -> Tensor:
     """`virtual_readout` with the keys at one offset at a time, averaged over `offsets` (uniformly,
     or by `weights`: [len(offsets)], or [len(offsets), m] per row): [m]. draw: [m, n] competitors'
     draw probabilities per row.
@@ -194,15 +203,15 @@ def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: T
     rows = keys.repeat(len(offsets), 1)  # offset-major: rows [o * m + i]
     at = torch.tensor(offsets, device=keys.device).repeat_interleave(m)
     f = virtual_readout(model, view, query, rows, u, competitors, blocked=blocked, row_offsets=at,
-                        draw=None if draw is None else draw.repeat(len(offsets), 1))
+                        draw=None if draw is None else draw.repeat(len(offsets), 1), window=window)
     weights = weights.to(f) if weights.ndim == 2 else weights.to(f)[:, None]
     return (weights * f.view(len(offsets), m)).sum(0)
 
 
 @torch.no_grad()
 def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor, u: Tensor,
-                         competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = tuple(range(1, 17)),
-                         draw: Optional[Tensor] = None) -> Tensor:
+                         competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = CONTEXT_WINDOW,
+                         draw: Optional[Tensor] = None, window: Sequence[int] = CONTEXT_WINDOW) -> Tensor:
     """What two context tokens do together beyond what each does alone, `f(s, t) - f(s) - f(t) + f()`,
     averaged over every placement of the two at distinct offsets in `offsets`: [P] for
     pairs [P, 2] (indices into `view.ids`). Exact through every layer, norm and chain of the virtual
@@ -217,15 +226,14 @@ def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor,
     gap = torch.full_like(pairs[:, :1], -1)
     rows = torch.cat([pairs, torch.cat([pairs[:, :1], gap], 1), torch.cat([gap, pairs[:, 1:]], 1),
                       torch.cat([gap, gap], 1)])  # both, s, t, none
-    draws = None if draw is None else draw.repeat(4, 1)
-    total, count = torch.zeros(P, dtype=u.dtype, device=pairs.device), 0
-    for o_s in offsets:
-        for o_t in offsets:
-            if o_s != o_t:  # the same context for all four: only which tokens are present changes
-                f = virtual_readout(model, view, query, rows, u, competitors, key_offsets=(o_s, o_t), draw=draws)
-                total += f[:P] - f[P:2 * P] - f[2 * P:3 * P] + f[3 * P:]
-                count += 1
-    return total / count
+    placements = [(o_s, o_t) for o_s in offsets for o_t in offsets if o_s != o_t]
+    # Every placement in one pass; the same context for all four rows of a placement: only which
+    # tokens are present changes.
+    at = torch.tensor(placements, device=pairs.device).repeat_interleave(4 * P, 0)  # [placements * 4P, 2]
+    f = virtual_readout(model, view, query, rows.repeat(len(placements), 1), u, competitors, key_offsets=at,
+                        draw=None if draw is None else draw.repeat(4 * len(placements), 1), window=window)
+    f = f.view(len(placements), 4, P)
+    return (f[:, 0] - f[:, 1] - f[:, 2] + f[:, 3]).mean(0)
 
 
 def _normalized(model: Any, x: Tensor) -> Tensor:

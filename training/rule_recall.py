@@ -176,11 +176,11 @@ def weight_recall(model: Any, lowercase: bool = True, competitors: Optional[floa
     from circuits.competitors import TYPICAL_COMPETITORS
     from circuits.directions import logit_diff_direction
     from circuits.evidence import token_evidence
-    from circuits.token_view import token_view
+    from circuits.context_view import context_view
     from circuits.virtual_context import expected_interaction, virtual_readout
 
     competitors = TYPICAL_COMPETITORS if competitors is None else competitors
-    view = token_view(model)
+    view = context_view(model, competitors=competitors)
     w = lambda word: _tok(model, word, lowercase)
     out: dict[str, RuleResult] = {}
     nan = float("nan")

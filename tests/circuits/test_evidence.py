@@ -136,15 +136,15 @@ def test_evidence_averages_over_placements_where_the_token_may_sit(tiny_model):
     draw = view.competitor_draw(torch.arange(n))
     keys = torch.arange(n)[:, None]
     empty = torch.full((n, 1), -1)
-    each = [virtual_readout(tiny_model, view, 11, keys, u, offsets=(o,), draw=draw)
-            - virtual_readout(tiny_model, view, 11, empty, u, offsets=(o,), draw=draw) for o in (1, 3)]
+    each = [virtual_readout(tiny_model, view, 11, keys, u, key_offsets=(o,), draw=draw)
+            - virtual_readout(tiny_model, view, 11, empty, u, key_offsets=(o,), draw=draw) for o in (1, 3)]
     where = view.offset_presence(view.index(11), [1, 3])
     where = where / where.sum(0, keepdim=True)
     assert torch.allclose(e.total, where[0] * each[0] + where[1] * each[1], atol=1e-5)
     assert not torch.allclose(where[0], where[1])  # the weights differ: not a plain mean
     assert torch.allclose(expected_readout(tiny_model, view, 11, keys, u, offsets=(1, 3), weights=torch.tensor([1.0, 0.0]),
                                            draw=draw),
-                          virtual_readout(tiny_model, view, 11, keys, u, offsets=(1,), draw=draw), atol=1e-6)
+                          virtual_readout(tiny_model, view, 11, keys, u, key_offsets=(1,), draw=draw), atol=1e-6)
     # A row's company is the company of the tokens it places; a row with none draws by frequency.
     both = view.competitor_draw(torch.tensor([[2, 3], [-1, -1]]))
     assert torch.allclose(both[0], 0.8 * view.frequency + 0.2 * (view.company()[2] + view.company()[3]) / 2)
@@ -164,15 +164,23 @@ def test_expected_interaction_does_not_depend_on_the_order_of_a_pair(tiny_model)
 
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_a_typical_competitor_is_a_token_drawn_by_frequency(n_layers):
-    """With all the training frequency on one token j, the typical competitor *is* j: one competitor
-    one back and no key is the sequence [j, q], through every layer."""
+    """With all the training frequency on one token j, the typical competitor *is* j, and it sits
+    where no key slot does: an empty slot two back in a window of offsets 1-2 puts the one competitor
+    one back, the sequence [j, q], through every layer."""
     model = HookedBilinearTransformer(tiny_config(seed=5, n_layers=n_layers)).eval()
     view = token_view(model, live="all")
     u = logit_diff_direction(model, 5, [6, 7])
-    q, j = 11, 20
+    q, j, b = 11, 20, 3
     view.frequency = torch.zeros_like(view.frequency)
     view.frequency[view.index(j)] = 1.0
     _, cache = model.run_with_cache(torch.tensor([[j, q]]))
     truth = float(cache["ln_final.hook_normalized"][0, -1] @ u)
-    got = virtual_readout(model, view, q, torch.tensor([[-1]]), u, competitors=1.0, key_offsets=(1,))
+    got = virtual_readout(model, view, q, torch.tensor([[-1]]), u, competitors=1.0, key_offsets=(2,), window=(1, 2))
     assert float(got[0]) == pytest.approx(truth, rel=1e-4, abs=1e-5)
+    if n_layers == 1:  # keys are raw embeddings: a key two back and the competitor one back is [b, j, q]
+        _, cache = model.run_with_cache(torch.tensor([[b, j, q]]))
+        truth = float(cache["ln_final.hook_normalized"][0, -1] @ u)
+        got = virtual_readout(model, view, q, torch.tensor([[b]]), u, competitors=1.0, key_offsets=(2,), window=(1, 2))
+        assert float(got[0]) == pytest.approx(truth, rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="nowhere to sit"):
+        virtual_readout(model, view, q, torch.tensor([[b]]), u, competitors=1.0, key_offsets=(1,), window=(1,))

@@ -48,7 +48,8 @@ def test_behaviour_of_an_untrained_model_is_near_chance(tokenizer):
 
 
 def test_weight_recall_reads_every_rule_from_a_model(tokenizer):
-    """Runs end to end on an untrained model (what it names is noise; the bookkeeping is checked)."""
+    """Runs end to end on an untrained model (what it names is noise; the bookkeeping is checked; one
+    typical competitor, the closed form, keeps it quick)."""
     import torch
 
     from hooked_bilinear import HookedBilinearConfig, HookedBilinearTransformer
@@ -61,7 +62,7 @@ def test_weight_recall_reads_every_rule_from_a_model(tokenizer):
     for story in generate_stories(20, seed=3):
         counts += torch.bincount(torch.tensor(tokenizer(story.lower())["input_ids"]), minlength=len(tokenizer))
     model.token_counts = counts
-    results = weight_recall(model)
+    results = weight_recall(model, competitors=1.0)
     assert set(results) == set(RULES)
     assert results["object_verb"].n_cases == len(OBJECT_VERBS) and results["negation"].n_cases == len(FEELINGS)
     for rule, r in results.items():
