@@ -22,8 +22,10 @@ Modules, in the order a reader can follow (each imports only modules above it):
    truncation.py    truncated MLPs in the model, the truncation sweep
    sae.py, sae_features.py, sae_report.py, sae_training.py   SAE features as MLP inputs and outputs
 3. Circuit finding:
+   competitors.py   typical competitors for attention, drawn independently (the draw expectations)
    virtual_context.py  the query position run through every layer with a few key tokens, one
                     placement at a time (a token's mean effect, a pair's exact interaction)
+   context_view.py  every token's residual with typical text before it (context embeddings)
    evidence.py      which context tokens push a logit target, through which heads and MLPs
    graph.py, find.py   the circuit DAG and the backward walk that builds it
 4. report.py        `hooked-bilinear circuits`: the markdown report
@@ -47,6 +49,7 @@ from .mlp_paths import PathPair, PathTerms, TokenPath, mlp_path_terms, rank_path
 from .attention import QKPreferences, composition_score, offset_attention, ov_matrices, qk_preferences, qk_scores
 from .token_view import TokenView, token_view
 from .virtual_context import expected_interaction, expected_readout, virtual_readout
+from .context_view import context_view
 from .evidence import PairEvidence, TokenEvidence, key_attention, token_evidence
 from .mlp import eigen_readout_correlation
 from .readout import live_token_ids, live_token_mask
@@ -69,7 +72,7 @@ __all__ = [
     "live_token_ids", "live_token_mask", "eigen_readout_correlation",
     "token_paths", "TokenPath", "rank_path_pairs", "PathPair", "mlp_path_terms", "PathTerms", "ov_matrices",
     "qk_scores", "qk_preferences", "QKPreferences", "offset_attention", "composition_score",
-    "token_view", "TokenView", "virtual_readout", "token_evidence", "TokenEvidence", "PairEvidence", "key_attention",
+    "token_view", "TokenView", "context_view", "virtual_readout", "token_evidence", "TokenEvidence", "PairEvidence", "key_attention",
     "pair_terms", "top_pair_entries", "TopPairs",
     # SAE features
     "SAEWeights", "OutputFeatures", "InputBasis", "load_sae", "load_scope_sae", "scope_hook_name", "output_features",

@@ -15,9 +15,10 @@ once by running the query's position layer by layer:
   the head's output is averaged over the draws (`circuits.competitors`; each head draws on its own),
   so a rarely present token that takes all attention when there dims the keys only in the contexts
   that hold it, and a token a head wants only at one distance competes only from there;
-* a key token is seen through its effective embedding (`circuits.token_view`): what the model builds
-  for the token alone, which is exactly what the model holds at that position when the key is the
-  first token of the sequence.
+* a key token (and a competitor) is seen through the view it is given: its effective embedding
+  (`circuits.token_view`), what the model builds for the token alone -- exactly what the model holds
+  at that position when the key is the first token of the sequence -- or its context embedding
+  (`circuits.context_view`, what `circuits.evidence` uses): the token with typical text before it.
 
 So with `offsets=(1,)`, `competitors=0` and one key b, the result is exactly the model's own readout
 on the sequence [b, query] (tested); with no key it is the model on [query] alone. A token's total
@@ -140,7 +141,7 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
         k_self = torch.einsum("md,hdk->mhk", xq, W_K) + b_K
         v_self = torch.einsum("md,hdk->mhk", xq, W_V) + b_V
         s_self = (q * k_self).sum(-1) * scale  # [m, H]
-        # Every live token as a key (effective embeddings) at every offset.
+        # Every live token as a key (as the view sees it) at every offset.
         xk = _norm(model, block.ln1, view.resid[l].to(dtype))
         k_all = torch.einsum("nd,hdk->nhk", xk, W_K) + b_K  # [n, H, dh]
         v_all = torch.einsum("nd,hdk->nhk", xk, W_V) + b_V
