@@ -35,17 +35,7 @@ from torch import Tensor
 from .competitors import CONTEXT_WINDOW, TYPICAL_COMPETITORS, draw_expectations
 from .readout import Live
 from .token_view import TokenView, token_view
-from .virtual_context import _norm, _rotate
-
-
-def _norm_scale(model: Any, x: Tensor) -> Tensor:
-    """The divisor a norm applies to rows x [m, d_model] (`hook_scale`): [m] (ones without a norm)."""
-    kind = model.cfg.normalization_type
-    if kind is None:
-        return torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-    if kind == "LN":
-        x = x - x.mean(-1, keepdim=True)
-    return (x.pow(2).mean(-1) + model.cfg.eps).sqrt()
+from .virtual_context import _norm, _rotate, norm_scale
 
 
 @torch.no_grad()
@@ -80,7 +70,7 @@ def context_view(model: Any, view: Optional[TokenView] = None, live: Live = None
     scale = cfg.d_head ** -0.5
     for l in range(cfg.n_layers):
         block = model.blocks[l]
-        ln1.append(_norm_scale(model, x))
+        ln1.append(norm_scale(model, x))
         xn = _norm(model, block.ln1, x)
         q = torch.einsum("nd,hdk->nhk", xn, model.W_Q[l].detach()) + model.b_Q[l].detach()  # [n, H, dh]
         k = torch.einsum("nd,hdk->nhk", xn, model.W_K[l].detach()) + model.b_K[l].detach()
@@ -99,7 +89,7 @@ def context_view(model: Any, view: Optional[TokenView] = None, live: Live = None
             weight = (each.mul_(w_pool).mul_(p_draw[rows][:, None]) * competitors).view(m, H, O, n).sum(2)
             z[rows] = w_self[..., None] * inv[..., None] * v[rows] + torch.einsum("mhj,jhk->mhk", weight, v)
         x = x + torch.einsum("nhk,hkd->nd", z, model.W_O[l].detach()) + model.b_O[l].detach()
-        ln2.append(_norm_scale(model, x))
+        ln2.append(norm_scale(model, x))
         x = x + block.mlp(_norm(model, block.ln2, x)[:, None])[:, 0]
         resid.append(x)
     return TokenView(ids=view.ids, resid=resid, ln1_scale=ln1, ln2_scale=ln2, log_probs=view.log_probs,

@@ -12,8 +12,8 @@ it is in the context, pushes u?". We answer it with a weight-only stand-in for a
   over the draws (`circuits.competitors`) -- not the share against the mean competitor, which lets
   a token that takes all attention when present but is rarely present (a frequent name, for a head
   that reads names) dim every key in every context -- with `s` the head's QK logit between the
-  query's effective embedding and the key's context embedding (`circuits.context_view`: the key
-  with the typical text before it, not alone at the start of a sequence), averaged over the offsets in
+  query's and the key's context embeddings (`circuits.context_view`: each token with the typical
+  text before it, not alone at the start of a sequence), averaged over the offsets in
   `offsets` (rotary models: the token sits at each in turn, and the competitors at the window's
   other offsets, each scored at its own: a head that reads one distance meets there only the key);
 * what the head then writes is the key's context embedding, normalized, through `diag(g) W_V W_O`.
@@ -68,7 +68,7 @@ from .paths import top_pair_entries
 from .readout import Live, token_label
 from .context_view import context_view
 from .token_view import TokenView
-from .virtual_context import expected_readout
+from .virtual_context import expected_readout, norm_scale
 
 DEFAULT_OFFSETS = tuple(range(1, 9))  # key_attention's best-offset search
 TokenSet = Union[int, str, Sequence[Union[int, str]]]
@@ -221,14 +221,6 @@ def key_attention(model: Any, view: TokenView, layer: int, head: int, query_inde
     return torch.stack(shares).mean(0)
 
 
-def _final_scale(model: Any, resid: Tensor) -> Tensor:
-    if model.cfg.normalization_type is None:
-        return resid.new_ones(())
-    if model.cfg.normalization_type == "LN":
-        resid = resid - resid.mean()
-    return (resid.pow(2).mean() + model.cfg.eps).sqrt()
-
-
 @torch.no_grad()
 def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = None, live: Live = None,
                    competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = CONTEXT_WINDOW, n_pairs: int = 10,
@@ -264,7 +256,7 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     else:
         plausibility = torch.ones(n, dtype=dtype, device=view.ids.device)
     u = u.to(dtype)
-    final = _final_scale(model, view.resid[L][qi])
+    final = norm_scale(model, view.resid[L][qi])
     routes: dict[str, Tensor] = {}
     attention: dict[str, Tensor] = {}
     head_vectors: dict[tuple[int, int], Tensor] = {}  # what head (l, h) writes when it attends to each key

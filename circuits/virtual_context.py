@@ -237,12 +237,19 @@ def expected_interaction(model: Any, view: TokenView, query: int, pairs: Tensor,
     return (f[:, 0] - f[:, 1] - f[:, 2] + f[:, 3]).mean(0)
 
 
+def norm_scale(model: Any, x: Tensor) -> Tensor:
+    """The divisor the model's norms apply to residuals x [..., d_model] (`hook_scale`): [...]
+    (ones without a norm)."""
+    kind = model.cfg.normalization_type
+    if kind is None:
+        return torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+    if kind == "LN":
+        x = x - x.mean(-1, keepdim=True)
+    return (x.pow(2).mean(-1) + model.cfg.eps).sqrt()
+
+
 def _normalized(model: Any, x: Tensor) -> Tensor:
     """The final norm without its gain (u from `unembed_direction` carries the gain):
     `ln_final.hook_normalized`."""
-    kind = model.cfg.normalization_type
-    if kind is None:
-        return x
-    if kind == "LN":
-        x = x - x.mean(-1, keepdim=True)
-    return x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    centred = x - x.mean(-1, keepdim=True) if model.cfg.normalization_type == "LN" else x
+    return centred / norm_scale(model, x)[..., None]

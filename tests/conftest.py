@@ -51,6 +51,17 @@ def tiny_config(**overrides) -> HookedBilinearConfig:
     return HookedBilinearConfig(**base)
 
 
+def tiny_model_with_norm_and_bias_noise(**overrides) -> HookedBilinearTransformer:
+    """A tiny model whose norm gains and biases are moved off their initial values (1 and 0), so a
+    test that compares against the forward pass sees them act."""
+    model = HookedBilinearTransformer(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".w", ".b")) or ".b_" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> HookedBilinearTransformer:
     """A 2-layer bilinear model with grouped-query attention and rotary positions."""

@@ -5,20 +5,15 @@ import torch
 
 from circuits.context_view import context_view
 from circuits.token_view import token_view
-from hooked_bilinear import HookedBilinearTransformer
 
-from ..conftest import tiny_config
+from ..conftest import tiny_model_with_norm_and_bias_noise
 
 
 @pytest.mark.parametrize("overrides", [dict(n_key_value_heads=2), dict(normalization_type="LN", attn_bias=True, mlp_bias=True)])
 def test_a_certain_predecessor_is_the_model_on_two_tokens(overrides):
     """One competitor, a one-offset window and a chain that puts token a right before every token:
     the context embedding of b entering layer 1 is the model's residual at b in [a, b]."""
-    model = HookedBilinearTransformer(tiny_config(seed=7, **overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith((".w", ".b")) or ".b_" in name:
-                p.add_(torch.randn_like(p) * 0.2)
+    model = tiny_model_with_norm_and_bias_noise(seed=7, **overrides)
     view = token_view(model, live="all")
     n, a = view.ids.numel(), 20
     before = torch.zeros(1, n, n)

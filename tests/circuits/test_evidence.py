@@ -9,17 +9,13 @@ from circuits.token_view import token_view
 from circuits.virtual_context import expected_interaction, expected_readout, virtual_readout
 from hooked_bilinear import HookedBilinearTransformer
 
-from ..conftest import tiny_config
+from ..conftest import tiny_config, tiny_model_with_norm_and_bias_noise
 
 
 @pytest.mark.parametrize("overrides", [dict(n_key_value_heads=2), dict(normalization_type="LN", attn_bias=True, mlp_bias=True)])
 def test_virtual_context_is_the_model_on_two_tokens(overrides):
     """offsets=(1,), no competitors: key b then the query is the sequence [b, q]; no key is [q]."""
-    model = HookedBilinearTransformer(tiny_config(seed=7, **overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith((".w", ".b")) or ".b_" in name:
-                p.add_(torch.randn_like(p) * 0.2)
+    model = tiny_model_with_norm_and_bias_noise(seed=7, **overrides)
     view = token_view(model, live="all")
     u = logit_diff_direction(model, 5, [6, 7])
     q = 11
