@@ -12,6 +12,7 @@ Modules, in the order a reader can follow (each imports only modules above it):
    eigen.py         eigenpairs of one Q or of many (a whole vocabulary), truncation, effective rank
    hosvd.py         output directions sharing input features (higher-order SVD via a Gram matrix)
    paths.py         the readout as a sum of path-pair terms; top entries of token-pair tables
+   competitors.py   typical competitors for attention, drawn independently (the draw expectations)
 2. Model-level views (a HookedBilinearTransformer and a layer; nothing modified):
    mlp.py           one MLP as plain matrices (norm folded), exactness check, activation metric
    directions.py    output directions: unembedding, logit differences, head read-ins, later MLPs
@@ -22,7 +23,6 @@ Modules, in the order a reader can follow (each imports only modules above it):
    truncation.py    truncated MLPs in the model, the truncation sweep
    sae.py, sae_features.py, sae_report.py, sae_training.py   SAE features as MLP inputs and outputs
 3. Circuit finding:
-   competitors.py   typical competitors for attention, drawn independently (the draw expectations)
    virtual_context.py  the query position run through every layer with a few key tokens, one
                     placement at a time (a token's mean effect, a pair's exact interaction)
    context_view.py  every token's residual with typical text before it (context embeddings)
