@@ -9,18 +9,13 @@ from circuits.readout import normalized_embeddings, direct_token_scores, direct_
 from circuits.truncation import truncation_sweep
 from hooked_bilinear import HookedBilinearTransformer
 
-from ..conftest import tiny_config
+from ..conftest import tiny_config, tiny_model_with_norm_and_bias_noise
 
 
 @pytest.fixture(scope="module", params=["rms-gqa", "ln-biases"])
 def model(request):
     overrides = {"n_key_value_heads": 2} if request.param == "rms-gqa" else {"normalization_type": "LN", "mlp_bias": True, "attn_bias": True}
-    model = HookedBilinearTransformer(tiny_config(seed=11, **overrides)).eval()
-    with torch.no_grad():  # non-trivial gains and biases, so folding them matters
-        for name, p in model.named_parameters():
-            if name.endswith((".w", ".b")) or ".b_" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    return model
+    return tiny_model_with_norm_and_bias_noise(seed=11, **overrides)  # so folding gains and biases matters
 
 
 TOKENS = torch.randint(0, 48, (3, 10), generator=torch.Generator().manual_seed(2))

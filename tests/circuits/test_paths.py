@@ -12,7 +12,7 @@ from circuits.mlp import mlp_weights
 from circuits.readout import live_token_ids, live_token_mask, normalized_embeddings, top_tokens
 from hooked_bilinear import HookedBilinearTransformer
 
-from ..conftest import tiny_config
+from ..conftest import tiny_config, tiny_model_with_norm_and_bias_noise
 
 VARIANTS = {
     "rms-gqa": dict(n_key_value_heads=2),
@@ -22,12 +22,7 @@ VARIANTS = {
 
 
 def perturbed(**overrides):
-    model = HookedBilinearTransformer(tiny_config(seed=5, **overrides)).eval()
-    with torch.no_grad():  # non-trivial gains and biases
-        for name, p in model.named_parameters():
-            if name.endswith((".w", ".b")) or ".b_" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    return model
+    return tiny_model_with_norm_and_bias_noise(seed=5, **overrides)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -6,7 +6,7 @@ import torch
 
 from hooked_bilinear import HookedBilinearTransformer
 
-from ..conftest import tiny_config
+from ..conftest import tiny_config, tiny_model_with_norm_and_bias_noise
 
 try:  # the class lives in the same module on 3.9 and 4.x
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -139,12 +139,8 @@ def test_transformer_lens_kv_cache_object(positional):
 
 
 def test_weight_processing_keeps_predictions():
-    model = HookedBilinearTransformer(tiny_config(normalization_type="LN", positional_embedding_type="standard",
-                                                  attn_bias=True, mlp_bias=True, attn_out_scale=0.5))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".b" in name or name.endswith(".w"):
-                p.add_(torch.randn_like(p) * 0.2)
+    model = tiny_model_with_norm_and_bias_noise(normalization_type="LN", positional_embedding_type="standard",
+                                                attn_bias=True, mlp_bias=True, attn_out_scale=0.5)
     tokens = tokens_for(model)
     before = model(tokens).log_softmax(-1)
     model.process_weights_(refactor_factored_attn_matrices=True)
