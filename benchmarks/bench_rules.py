@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     for r in RULES:
         on = [row["rules"][r] for row in rows if row["rules"][r]["behaviour"] >= 0.95]
         learned = [v["recall"] for v in on]
-        mean = sum(learned) / len(learned) if learned else float("nan")
+        mean = f"{sum(learned) / len(learned):.2f}" if learned else "n/a"
         misses = sum(v.get("misses", 0) for v in on)
         agree = sum(v.get("misses_data_agrees", 0) for v in on)
         unused = sum(v.get("misses_trigger_unused", 0) for v in on)
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         driven = [(v["driven_hits"], v["driven"]) for v in on if v.get("driven")]
         named = (f"{sum(h for h, _ in driven)} of {sum(d for _, d in driven)} (lowest model "
                  f"{min(h / d for h, d in driven):.2f})" if single and driven else "n/a")
-        lines.append(f"| {r} | {len(learned)}/{len(rows)} | {mean:.2f} | "
+        lines.append(f"| {r} | {len(learned)}/{len(rows)} | {mean} | "
                      f"{'yes' if learned and min(learned) >= 0.95 else ('n/a' if not learned else 'no')} | {checked} | {named} |")
     table = "\n".join(lines)
     print("\n" + table)
