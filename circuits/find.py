@@ -330,6 +330,7 @@ def find_circuit(
     live: Live = None,
     query: Optional[Union[int, str]] = None,
     competitors: float = TYPICAL_COMPETITORS,
+    view: Optional[TokenView] = None,
 ) -> Union[CircuitGraph, list[CircuitGraph]]:
     """The components whose weight-derived contribution to `target` is largest, as a `CircuitGraph`.
 
@@ -346,13 +347,17 @@ def find_circuit(
     query: the token the prediction follows (default for a logit target: the live token after which
     its tokens are most likely, see `circuits.evidence`; none for other targets); competitors: how
     many typical tokens an attended token competes with (`circuits.evidence.key_attention`).
-    Nothing here runs on data: the numbers come from the weights, and from the model reading one
-    token at a time (`circuits.token_view`)."""
+    view: the tokens as the walk reads them (default: one token at a time, `token_view(model, live)`;
+    pass `circuits.context_view(model)` to read them with typical text before them, as
+    `token_evidence` does by default, and reuse it across targets).
+    Nothing here runs on data: the numbers come from the weights, and from the model reading tokens
+    without a corpus (`circuits.token_view`, `circuits.context_view`)."""
     check_bilinear(model)
     if isinstance(target, Tensor) and target.ndim == 2:  # a block of directions (e.g. SAE encoder rows)
         return [find_circuit(model, row, layers=layers, k_features=k_features, k_heads=k_heads, threshold=threshold,
                              max_nodes=max_nodes, include_direct=include_direct, n_tokens=n_tokens, read_at=read_at,
-                             live=live, query=query, competitors=competitors) for row in target]
+                             live=live, query=query, competitors=competitors,
+                             view=token_view(model, live) if view is None else view) for row in target]
     for name, value, low in (("k_features", k_features, 1), ("k_heads", k_heads, 0), ("max_nodes", max_nodes, 1), ("n_tokens", n_tokens, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -365,7 +370,11 @@ def find_circuit(
     direction, at_layer, description = target_direction(model, target, read_at)
     d = (direction / direction.norm().clamp_min(1e-12)).to(model.W_E.dtype)
     X = normalized_embeddings(model).to(d.dtype)  # [d_vocab, d_model]
-    view = token_view(model, live)
+    if view is None:
+        view = token_view(model, live)
+    elif live is not None and not torch.equal(view.ids.cpu(), live_token_ids(model, live).cpu()):
+        raise ValueError("the view was built for other live tokens than `live`; build it with the same live "
+                         "argument (token_view(model, live) or context_view(model, live=live)) or leave live out")
     ids = view.ids
     q = None
     if query is not None:

@@ -169,3 +169,19 @@ def test_a_block_of_directions_gives_one_graph_each(graph):
     graphs = find_circuit(model, block, read_at=1, max_nodes=8)
     assert len(graphs) == 3
     assert graphs[1].to_dict() == find_circuit(model, block[1], read_at=1, max_nodes=8).to_dict()
+
+
+def test_a_given_view_is_the_one_the_walk_reads(graph):
+    from circuits.context_view import context_view
+    from circuits.token_view import token_view
+
+    model, g = graph
+    same = find_circuit(model, 5, k_features=3, k_heads=2, max_nodes=20, view=token_view(model))
+    assert [(n.id, round(n.importance, 6)) for n in same.nodes] == [(n.id, round(n.importance, 6)) for n in g.nodes]
+    in_context = find_circuit(model, 5, k_features=3, k_heads=2, max_nodes=20, view=context_view(model))
+    in_context.validate()
+    assert [n.importance for n in in_context.nodes] != [n.importance for n in g.nodes]  # the view is used
+    mask = torch.zeros(model.cfg.d_vocab, dtype=torch.bool)
+    mask[:20] = True
+    with pytest.raises(ValueError, match="other live tokens"):
+        find_circuit(model, 5, live=mask, view=token_view(model))
