@@ -117,6 +117,24 @@ def draw_expectations(A: Tensor, w: Tensor, p: Tensor, c: float, nodes: int = NO
     return inv, out
 
 
+def drawn_output(known: Tensor, known_mass: Tensor, w_pool: Tensor, p: Tensor, v: Tensor, c: float) -> Tensor:
+    """Heads' outputs averaged over `c` drawn competitors: known [m, H, d] is what the tokens already
+    in the context write (weights times values, unnormalized) and known_mass [m, H] their summed
+    weight; w_pool [m, H, O * n] the weights of the (offset, token) pool, p [m, O * n] its draw
+    probabilities (`pool_draw`) and v [n, H, d] each token's values: [m, H, d]."""
+    m, H = known_mass.shape
+    n = v.shape[0]
+    inv, each = draw_expectations(known_mass, w_pool, p, c)  # [m, H], [m, H, O * n]
+    weight = (each.mul_(w_pool).mul_(p[:, None]) * c).view(m, H, -1, n).sum(2)  # [m, H, n]
+    return known * inv[..., None] + torch.einsum("mhn,nhd->mhd", weight, v)
+
+
+def _check_room(free: Tensor, who: str) -> None:
+    if not bool(free.any(-1).all()):
+        raise ValueError(f"{who} every offset of the window, so its competitors have nowhere to sit; "
+                         "widen the window or pass competitors=0")
+
+
 def free_offsets(window: Sequence[int], taken: Tensor) -> Tensor:
     """Which offsets of `window` each row leaves to the competitors: taken [m, k] (the offsets its
     keys sit at) -> [m, len(window)] bool."""
@@ -127,9 +145,7 @@ def free_offsets(window: Sequence[int], taken: Tensor) -> Tensor:
 def pool_draw(free: Tensor, draw: Tensor) -> Tensor:
     """Draw probabilities over (offset, token) pairs, offset-major: a free offset of the window
     (free [m, O] bool), uniformly, then a token by `draw` ([n], or [m, n] per row): [m, O * n]."""
-    if not bool(free.any(-1).all()):
-        raise ValueError("a row's keys hold every offset of the window, so its competitors have nowhere to sit; "
-                         "widen the window or pass competitors=0")
+    _check_room(free, "a row's keys hold")
     where = free.to(draw.dtype)
     where = where / where.sum(-1, keepdim=True)
     tokens = draw[None] if draw.ndim == 1 else draw
@@ -149,9 +165,7 @@ def expected_share(weight: Tensor, pool: Tensor, free: Tensor, draw: Tensor, com
         return torch.ones_like(weight)
     if competitors < 1:
         raise ValueError(f"competitors must be 0 or at least 1 (independent draws), got {competitors}")
-    if not bool(free.any(-1).all()):
-        raise ValueError("a key holds every offset of the window, so its competitors have nowhere to sit; "
-                         "widen the window or pass competitors=0")
+    _check_room(free, "a key holds")
     A = weight.clamp_min(1e-30)
     pool, draw = pool.to(A), draw.to(A)
     where = free.to(A) / free.sum(-1, keepdim=True).to(A)  # [K, O]

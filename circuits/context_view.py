@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .competitors import CONTEXT_WINDOW, TYPICAL_COMPETITORS, draw_expectations
+from .competitors import CONTEXT_WINDOW, TYPICAL_COMPETITORS, drawn_output
 from .readout import Live
 from .token_view import TokenView, token_view
 from .virtual_context import _norm, _rotate, norm_scale
@@ -85,9 +85,7 @@ def context_view(model: Any, view: Optional[TokenView] = None, live: Live = None
             m, H = shift.shape
             w_pool = (by_offset - shift[..., None, None]).exp().reshape(m, H, O * n)
             w_self = (s_self[rows] - shift).exp()  # [m, H]
-            inv, each = draw_expectations(w_self, w_pool, p_draw[rows], competitors)  # [m, H], [m, H, O * n]
-            weight = (each.mul_(w_pool).mul_(p_draw[rows][:, None]) * competitors).view(m, H, O, n).sum(2)
-            z[rows] = w_self[..., None] * inv[..., None] * v[rows] + torch.einsum("mhj,jhk->mhk", weight, v)
+            z[rows] = drawn_output(w_self[..., None] * v[rows], w_self, w_pool, p_draw[rows], v, competitors)
         x = x + torch.einsum("nhk,hkd->nd", z, model.W_O[l].detach()) + model.b_O[l].detach()
         ln2.append(norm_scale(model, x))
         x = x + block.mlp(_norm(model, block.ln2, x)[:, None])[:, 0]

@@ -232,7 +232,8 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     the target's tokens are most likely). competitors: how many typical tokens each attended token
     competes with. view: a precomputed `context_view(model, live=live, competitors=competitors)` (reuse
     it across targets; a one-token `token_view` reads keys alone). n_carriers:
-    which head carries a token is measured for this many top tokens of each sign (NaN for the rest)."""
+    which head carries a token is measured for this many top tokens of each sign (NaN for the rest;
+    0: none, which saves a virtual readout per head)."""
     check_bilinear(model)
     if isinstance(target, tuple) and len(target) == 2:
         a, b = _token_ids(model, target[0]), _token_ids(model, target[1])

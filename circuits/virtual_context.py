@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .competitors import CONTEXT_WINDOW, TYPICAL_COMPETITORS, draw_expectations, free_offsets, pool_draw
+from .competitors import CONTEXT_WINDOW, TYPICAL_COMPETITORS, drawn_output, free_offsets, pool_draw
 from .token_view import TokenView
 
 
@@ -174,9 +174,7 @@ def _virtual_chunk(model: Any, view: TokenView, query: int, keys: Tensor, u: Ten
             O = win.numel()
             w_pool = (by_offset[win] - shift[None, ..., None]).exp()  # [O, m, H, n]
             w_pool = w_pool.permute(1, 2, 0, 3).reshape(m, H, O * n)  # the heads of a row share its draw
-            inv, each = draw_expectations(known_mass, w_pool, p_draw, competitors)  # [m, H], [m, H, O * n]
-            weight = (each.mul_(w_pool).mul_(p_draw[:, None]) * competitors).view(m, H, O, n).sum(2)  # [m, H, n]
-            z = known * inv[..., None] + torch.einsum("mhn,nhk->mhk", weight, v_all)
+            z = drawn_output(known, known_mass, w_pool, p_draw, v_all, competitors)
         x = x + torch.einsum("mhd,hdo->mo", z, W_O) + b_O
         x = x + block.mlp(_norm(model, block.ln2, x)[:, None])[:, 0]
     return _normalized(model, x) @ u.to(dtype)
