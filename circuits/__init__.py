@@ -17,6 +17,7 @@ Modules, in the order a reader can follow (each imports only modules above it):
    mlp.py           one MLP as plain matrices (norm folded), exactness check, activation metric
    directions.py    output directions: unembedding, logit differences, head read-ins, later MLPs
    readout.py       live tokens, reading features back into tokens
+   pair_chain.py    the model after two tokens: where a token sits before a query
    token_view.py    the model reading one token at a time (effective embeddings)
    attention.py     the QK side: where heads look; composition scores
    mlp_paths.py     the paths feeding an MLP: exact data view, weight-view token-pair tables
@@ -47,6 +48,7 @@ from .truncation import TruncationResult, truncated_mlps, truncation_sweep
 from .paths import TopPairs, pair_terms, top_pair_entries
 from .mlp_paths import PathPair, PathTerms, TokenPath, mlp_path_terms, rank_path_pairs, token_paths
 from .attention import QKPreferences, composition_score, offset_attention, ov_matrices, qk_preferences, qk_scores
+from .pair_chain import PairChain, pair_chain
 from .token_view import TokenView, token_view
 from .virtual_context import expected_interaction, expected_readout, virtual_readout
 from .context_view import context_view

@@ -91,4 +91,4 @@ def context_view(model: Any, view: Optional[TokenView] = None, live: Live = None
         x = x + block.mlp(_norm(model, block.ln2, x)[:, None])[:, 0]
         resid.append(x)
     return TokenView(ids=view.ids, resid=resid, ln1_scale=ln1, ln2_scale=ln2, log_probs=view.log_probs,
-                     frequency=view.frequency)
+                     frequency=view.frequency, pairs=view.pairs)

@@ -23,9 +23,10 @@ position in a virtual context of the query, the token and typical filler (one co
 drawn from the token's usual company, `TokenView.company`: ' flower' comes after "found a red"),
 minus the same context without the token (`circuits.virtual_context`: every layer, every chain -- a layer-0 head feeding MLP 0
 feeding MLP 1 -- computed from the weights), averaged over the token sitting 1, 2, ..., 16 tokens
-before the query (`offsets`), each placement weighted by how likely the model's own one-token view
-of text puts the token there (`TokenView.offset_presence`: an object sits two tokens before the
-pronoun that follows its sentence). One position at a time, seen by every head from there, as in a real
+before the query (`offsets`), each placement weighted by how likely the model's own view of text
+puts the token there (`TokenView.offset_presence`, from the model after two tokens,
+`circuits.pair_chain`: an object sits two tokens before the pronoun that follows its sentence, while
+' toys', after which "." is followed by "one day", does not). One position at a time, seen by every head from there, as in a real
 context: heads read at preferred distances and what a token does can depend on where it sits (a
 name one token before a "." can say the next name is someone else), and letting each head see the
 token at its own best offset at once mixed placements no context holds. It is split
@@ -44,7 +45,7 @@ A virtual context can hold any token, including ones the model never sees before
 right before ' night'); their evidence is what the model *would* do, not a circuit it uses. So every
 token also gets a **plausibility** from the model's own view of text
 (`TokenView.context_presence`: the chance it sits at one of `offsets` before the query, under the
-model's one-token Markov chain), squashed to `c / (c + 1/n)` for n live tokens: near 1 for any token
+same chain), squashed to `c / (c + 1/n)` for n live tokens: near 1 for any token
 more likely there than a random live token, near 0 for tokens that cannot be there. Tokens are
 ranked by evidence x plausibility and pairs by interaction x both plausibilities ("what they
 plausibly contribute"); the raw values stay in `total` and `PairEvidence.value`
@@ -143,7 +144,7 @@ class TokenEvidence:
         """Tables of the top tokens (with their main routes) and the top pairs."""
         lines = [f"Query (the token the prediction follows): `{self.query!r}`.", "",
                  "Plausibility: how likely the token is among the tokens before the query, in the model's own "
-                 "one-token view of text (1: as likely as a random token or more; tokens are ranked by "
+                 "view of text (1: as likely as a random token or more; tokens are ranked by "
                  "evidence x plausibility).", "",
                  "| token | evidence | plausibility | carried by (evidence lost without it) | main first-order routes |",
                  "|---|---|---|---|---|"]

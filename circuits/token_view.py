@@ -15,12 +15,13 @@ made *after*), and the token's frequency in the training text (what a "typical" 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .competitors import COMPANY_SHARE, company_draw
+from .pair_chain import PAIR_BRANCHING, PairChain, pair_chain
 from .readout import Live, live_token_ids, live_token_mask
 
 
@@ -31,7 +32,8 @@ class TokenView:
     resid[l]: [n, d_model], the residual entering layer l (l = n_layers: the final residual);
     ln1_scale[l], ln2_scale[l]: [n], the norms' divisors at layer l (ones without a norm);
     log_probs: [n, d_vocab], next-token log-probabilities after the token alone;
-    frequency: [n], each token's share of the training text (uniform without counts)."""
+    frequency: [n], each token's share of the training text (uniform without counts);
+    pairs: the model after two tokens (`circuits.pair_chain`), for placements; None: one token."""
 
     ids: Tensor
     resid: list[Tensor]
@@ -39,6 +41,7 @@ class TokenView:
     ln2_scale: list[Tensor]
     log_probs: Tensor
     frequency: Tensor
+    pairs: Optional[PairChain] = None
 
     def index(self, token_id: int) -> int:
         """Position of a token id in `ids` (ValueError for a dead token)."""
@@ -51,15 +54,19 @@ class TokenView:
         """P(token s sits exactly `offsets[i]` positions before the query), in the model's own view of
         text: [len(offsets), n]; each row sums to 1 over the live tokens.
 
-        The model after one token is a Markov chain over the live tokens (M[s, t]: the probability
-        of t right after s alone, renormalized over live tokens; start: the training frequency).
-        By Bayes, P(token s at offset k before q) = p(s) M^k[s, q] / sum_s' p(s') M^k[s', q]."""
+        With `pairs`, from the model after two tokens (`PairChain.offset_presence`). Without, the
+        model after one token is a Markov chain over the live tokens (M[s, t]: the probability of t
+        right after s alone, renormalized over live tokens; start: the training frequency), and by
+        Bayes P(token s at offset k before q) = p(s) M^k[s, q] / sum_s' p(s') M^k[s', q]."""
+        if self.pairs is not None:
+            return self.pairs.offset_presence(query_index, offsets)
         return self._before(torch.tensor([query_index], device=self.ids.device), offsets)[..., 0]
 
     def company(self, span: int = 3) -> Tensor:
         """The company each live token keeps: row b is P(token j sits 1..span positions before b),
-        the offsets equally weighted (`offset_presence` for every b at once): [n, n], rows summing
-        to 1. Cached on the view (n^2 numbers; n^3 work to build)."""
+        the offsets equally weighted, under the one-token chain for every b at once (the pair chain
+        for every b at once would be n^3 numbers): [n, n], rows summing to 1. Cached on the view
+        (n^2 numbers; n^3 work to build)."""
         cache = self.__dict__.setdefault("_company", {})
         if span not in cache:
             every = torch.arange(self.ids.numel(), device=self.ids.device)
@@ -67,9 +74,9 @@ class TokenView:
         return cache[span]
 
     def _before(self, targets: Tensor, offsets: Sequence[int]) -> Tensor:
-        """`offset_presence` for several target tokens at once: [len(offsets), n, len(targets)]."""
-        M = self.log_probs[:, self.ids].float().exp()
-        M = M / M.sum(-1, keepdim=True).clamp_min(1e-30)  # [n, n]
+        """`offset_presence` under the one-token chain, for several target tokens at once:
+        [len(offsets), n, len(targets)] (the context view draws every token's company from it)."""
+        M = self.step()
         p = self.frequency.float()[:, None]
         reach = M[:, targets]  # M^k[:, targets], k = 1
         rows = {}
@@ -80,6 +87,11 @@ class TokenView:
                 at_k = p * reach
                 rows[k] = at_k / at_k.sum(0, keepdim=True).clamp_min(1e-30)
         return torch.stack([rows[k] for k in offsets])
+
+    def step(self) -> Tensor:
+        """The one-token chain: P(t right after s alone), renormalized over the live tokens: [n, n]."""
+        M = self.log_probs[:, self.ids].float().exp()
+        return M / M.sum(-1, keepdim=True).clamp_min(1e-30)
 
     def each_token_draw(self) -> Tensor:
         """`competitor_draw` for rows that each place one live token, row b for token b: [n, n].
@@ -113,8 +125,10 @@ class TokenView:
 
 
 @torch.no_grad()
-def token_view(model: Any, live: Live = None, batch_size: int = 4096) -> TokenView:
-    """Run the model on every live token alone (one forward pass per `batch_size` tokens)."""
+def token_view(model: Any, live: Live = None, batch_size: int = 4096, pair_branching: int = PAIR_BRANCHING) -> TokenView:
+    """Run the model on every live token alone (one forward pass per `batch_size` tokens), and on
+    the likely pairs of them for placements (`circuits.pair_chain`; pair_branching=0: none, the
+    one-token chain places tokens)."""
     ids = live_token_ids(model, live).to(model.W_E.device)
     n_layers = model.cfg.n_layers
     names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
@@ -137,7 +151,7 @@ def token_view(model: Any, live: Live = None, batch_size: int = 4096) -> TokenVi
         freq = freq / freq.sum() if float(freq.sum()) > 0 else torch.full_like(freq, 1.0 / ids.numel())
     else:
         freq = torch.full((ids.numel(),), 1.0 / ids.numel(), device=ids.device)
-    return TokenView(
+    view = TokenView(
         ids=ids,
         resid=[cat[f"blocks.{l}.hook_resid_pre"] for l in range(n_layers)] + [cat[f"blocks.{n_layers - 1}.hook_resid_post"]],
         ln1_scale=[scale(l, "ln1") for l in range(n_layers)],
@@ -145,3 +159,6 @@ def token_view(model: Any, live: Live = None, batch_size: int = 4096) -> TokenVi
         log_probs=torch.cat(log_probs),
         frequency=freq,
     )
+    if pair_branching > 0 and model.cfg.n_ctx >= 2:
+        view.pairs = pair_chain(model, ids, view.step(), freq, pair_branching, batch_size)
+    return view
