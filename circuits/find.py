@@ -357,7 +357,7 @@ def find_circuit(
         return [find_circuit(model, row, layers=layers, k_features=k_features, k_heads=k_heads, threshold=threshold,
                              max_nodes=max_nodes, include_direct=include_direct, n_tokens=n_tokens, read_at=read_at,
                              live=live, query=query, competitors=competitors,
-                             view=token_view(model, live) if view is None else view) for row in target]
+                             view=token_view(model, live, pair_branching=0) if view is None else view) for row in target]
     for name, value, low in (("k_features", k_features, 1), ("k_heads", k_heads, 0), ("max_nodes", max_nodes, 1), ("n_tokens", n_tokens, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -371,7 +371,7 @@ def find_circuit(
     d = (direction / direction.norm().clamp_min(1e-12)).to(model.W_E.dtype)
     X = normalized_embeddings(model).to(d.dtype)  # [d_vocab, d_model]
     if view is None:
-        view = token_view(model, live)
+        view = token_view(model, live, pair_branching=0)  # the walk never places tokens: no pair chain
     elif live is not None and not torch.equal(view.ids.cpu(), live_token_ids(model, live).cpu()):
         raise ValueError("the view was built for other live tokens than `live`; build it with the same live "
                          "argument (token_view(model, live) or context_view(model, live=live)) or leave live out")
