@@ -63,10 +63,12 @@ class PairChain:
         r[:, query_index] = 1.0  # r_0[a, b] = [b == q]
         out = {}
         for j in range(1, max(offsets) + 1):
+            backoff = (M * r).sum(-1)  # [b]: sum_c P(c | b) r_{j-1}[b, c], the one-token step from b
             if j in offsets:
-                at = self.frequency * (M * r).sum(-1)  # p(s) sum_b P(b | s) r_{j-1}[s, b]
+                at = self.frequency * backoff  # p(s) sum_b P(b | s) r_{j-1}[s, b]
                 out[j] = at / at.sum().clamp_min(1e-30)
-            backoff = (M * r).sum(-1)  # [b]: sum_c P(c | b) r_{j-1}[b, c]
+            if j == max(offsets):
+                break
             kept = (self.p_next * r[self.second[..., None], self.next]).sum(-1)  # [n, k]
             r_next = backoff[None, :].expand(n, n).clone()
             r_next[rows[:, None], self.second] = kept + self.leftover * backoff[self.second]
