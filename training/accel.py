@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin
 
+from training.interrupt import TrainingInterrupted
 from training.run_config import RunConfigError, TrainConfig
 
 
@@ -90,6 +91,24 @@ def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
         step_scheduler_with_optimizer=False,
         **kwargs,
     )
+
+
+@contextmanager
+def process_group_ended(accelerator: Accelerator) -> Iterator[None]:
+    """Destroy the process group when a run ends in step on every process (finished, or stopped by
+    an agreed signal); a no-op in a one-process run.
+
+    A gloo process group left for the interpreter's shutdown can abort the process (SIGABRT,
+    "terminate called without an active exception") after the run's work is done: CI saw it once on a
+    2-process finetune. After any other error the group is left alone, because a process still waiting
+    in a collective would make destroying it hang.
+    """
+    try:
+        yield
+    except TrainingInterrupted:
+        accelerator.end_training()
+        raise
+    accelerator.end_training()
 
 
 @contextmanager

@@ -176,85 +176,91 @@ def run_finetune(ft: FinetuneConfig, run_dir: Path, resume: bool = False, callba
     from accelerate.utils import set_seed
 
     from hooked_bilinear import HookedBilinearTransformer
+    from training.accel import process_group_ended
     from training.loop import Trainer, make_accelerator
 
     start = time.perf_counter()
     directory, fmt = check_source(ft.model.checkpoint)  # every process: a clear error before any work
     accelerator = make_accelerator(ft.train)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    set_seed(ft.train.seed, device_specific=True)
-    prepare_run_folder(run_dir, accelerator, command="finetune", config_name=CONFIG_NAME, config=ft.to_dict(),
-                       resume=resume, overwrite=overwrite, changes=changes or {})
+    with process_group_ended(accelerator):
+        log = print if accelerator.is_main_process else (lambda *a, **k: None)
+        set_seed(ft.train.seed, device_specific=True)
+        prepare_run_folder(run_dir, accelerator, command="finetune", config_name=CONFIG_NAME, config=ft.to_dict(),
+                           resume=resume, overwrite=overwrite, changes=changes or {})
 
-    tokenizer_arg = ft.data.tokenizer if ft.data.tokenizer is not None else True
-    model = load_source(directory, tokenizer=tokenizer_arg)
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise SourceModelError(f"{ft.model.checkpoint!r} has no tokenizer files; name one with data.tokenizer=...")
-    if len(tokenizer) > model.cfg.d_vocab:
-        raise SourceModelError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.cfg.d_vocab}")
-    seq_len = ft.model.seq_len or model.cfg.n_ctx
-    if seq_len > model.cfg.n_ctx:
-        raise RunConfigError(f"model.seq_len ({seq_len}) exceeds the model's context ({model.cfg.n_ctx})")
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"source {ft.model.checkpoint} ({fmt}): {n_params / 1e6:.1f}M parameters, {model.cfg.n_layers} layers, "
-        f"d_model {model.cfg.d_model}, {model.cfg.n_heads} heads / {model.cfg.n_key_value_heads} kv heads, "
-        f"d_mlp {model.cfg.d_mlp}, vocab {model.cfg.d_vocab}; {accelerator.num_processes} process(es), "
-        f"mixed precision {accelerator.mixed_precision}")
-    train_rows, valid_rows = get_data(ft, tokenizer, seq_len, accelerator)
+        tokenizer_arg = ft.data.tokenizer if ft.data.tokenizer is not None else True
+        model = load_source(directory, tokenizer=tokenizer_arg)
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise SourceModelError(f"{ft.model.checkpoint!r} has no tokenizer files; "
+                                   "name one with data.tokenizer=...")
+        if len(tokenizer) > model.cfg.d_vocab:
+            raise SourceModelError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                                   f"{model.cfg.d_vocab}")
+        seq_len = ft.model.seq_len or model.cfg.n_ctx
+        if seq_len > model.cfg.n_ctx:
+            raise RunConfigError(f"model.seq_len ({seq_len}) exceeds the model's context ({model.cfg.n_ctx})")
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"source {ft.model.checkpoint} ({fmt}): {n_params / 1e6:.1f}M parameters, {model.cfg.n_layers} layers, "
+            f"d_model {model.cfg.d_model}, {model.cfg.n_heads} heads / {model.cfg.n_key_value_heads} kv heads, "
+            f"d_mlp {model.cfg.d_mlp}, vocab {model.cfg.d_vocab}; {accelerator.num_processes} process(es), "
+            f"mixed precision {accelerator.mixed_precision}")
+        train_rows, valid_rows = get_data(ft, tokenizer, seq_len, accelerator)
 
-    summary: dict = {"source": ft.model.checkpoint, "n_params": n_params, "seq_len": seq_len}
-    cfg_saved = copy.deepcopy(model.cfg)  # for rebuilding the trained model from its (gathered) state dict
-    cfg_saved.dtype = torch.float32
-    if ft.model.dtype != "float32":
-        model.to(getattr(torch, ft.model.dtype))
-        model.cfg.dtype = getattr(torch, ft.model.dtype)
-    schedule = BetaSchedule(ft.beta)
-    trainer = Trainer(model, ft.train, train_rows, valid_rows, run_dir=run_dir, accelerator=accelerator,
-                      callbacks=[schedule, *callbacks], eval_rows=ft.data.eval_sequences, seq_len=seq_len)
-    check_tokens = _verify_tokens(trainer, tokenizer, min(ft.model.verify_tokens, seq_len), model.cfg.d_vocab)
+        summary: dict = {"source": ft.model.checkpoint, "n_params": n_params, "seq_len": seq_len}
+        cfg_saved = copy.deepcopy(model.cfg)  # for rebuilding the trained model from its (gathered) state dict
+        cfg_saved.dtype = torch.float32
+        if ft.model.dtype != "float32":
+            model.to(getattr(torch, ft.model.dtype))
+            model.cfg.dtype = getattr(torch, ft.model.dtype)
+        schedule = BetaSchedule(ft.beta)
+        trainer = Trainer(model, ft.train, train_rows, valid_rows, run_dir=run_dir, accelerator=accelerator,
+                          callbacks=[schedule, *callbacks], eval_rows=ft.data.eval_sequences, seq_len=seq_len)
+        check_tokens = _verify_tokens(trainer, tokenizer, min(ft.model.verify_tokens, seq_len), model.cfg.d_vocab)
 
-    if ft.model.verify and fmt == "llama" and not resume and accelerator.is_main_process:
-        # The converted model at beta = 1 computes the source model's logits (float32, CPU).
-        ours = load_source(directory, tokenizer=False)
-        with torch.no_grad():
-            diff = max_diff(ours(check_tokens), hf_logits(directory, check_tokens))
-        del ours
-        summary["conversion_max_abs_diff"] = diff
-        log(f"conversion check: max |logits(ours, beta=1) - logits(transformers)| = {diff:.3g} "
-            f"over {check_tokens.numel()} positions")
-        if diff > ft.model.verify_atol:
-            raise SourceModelError(f"the converted model's logits differ from transformers' by {diff:.3g} "
-                                   f"(> model.verify_atol={ft.model.verify_atol}); refusing to train")
-    accelerator.wait_for_everyone()
+        if ft.model.verify and fmt == "llama" and not resume and accelerator.is_main_process:
+            # The converted model at beta = 1 computes the source model's logits (float32, CPU).
+            ours = load_source(directory, tokenizer=False)
+            with torch.no_grad():
+                diff = max_diff(ours(check_tokens), hf_logits(directory, check_tokens))
+            del ours
+            summary["conversion_max_abs_diff"] = diff
+            log(f"conversion check: max |logits(ours, beta=1) - logits(transformers)| = {diff:.3g} "
+                f"over {check_tokens.numel()} positions")
+            if diff > ft.model.verify_atol:
+                raise SourceModelError(f"the converted model's logits differ from transformers' by {diff:.3g} "
+                                       f"(> model.verify_atol={ft.model.verify_atol}); refusing to train")
+        accelerator.wait_for_everyone()
 
-    log(f"{trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens "
-        f"({trainer.total_steps * trainer.tokens_per_step:,} tokens), gradient accumulation {trainer.grad_accum}, "
-        f"gradient checkpointing {ft.train.gradient_checkpointing}")
-    if not resume:
-        trainer.raw_model.set_gate_beta(float(ft.beta.start))
-        summary["eval_loss_start"] = trainer.evaluate()
-        log(f"validation loss before finetuning (beta={ft.beta.start}): {summary['eval_loss_start']}")
-    state = trainer.train(resume=resume)
-    final_beta = trainer.raw_model.cfg.gate_beta
-    summary.update(final_eval_loss=trainer.evaluate(), final_beta=final_beta, steps=state.step,
-                   tokens_seen=state.tokens_seen, anneal_tokens=schedule.anneal_tokens, beta_schedule=ft.beta.schedule)
+        log(f"{trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens "
+            f"({trainer.total_steps * trainer.tokens_per_step:,} tokens), "
+            f"gradient accumulation {trainer.grad_accum}, "
+            f"gradient checkpointing {ft.train.gradient_checkpointing}")
+        if not resume:
+            trainer.raw_model.set_gate_beta(float(ft.beta.start))
+            summary["eval_loss_start"] = trainer.evaluate()
+            log(f"validation loss before finetuning (beta={ft.beta.start}): {summary['eval_loss_start']}")
+        state = trainer.train(resume=resume)
+        final_beta = trainer.raw_model.cfg.gate_beta
+        summary.update(final_eval_loss=trainer.evaluate(), final_beta=final_beta, steps=state.step,
+                       tokens_seen=state.tokens_seen, anneal_tokens=schedule.anneal_tokens,
+                       beta_schedule=ft.beta.schedule)
 
-    # Full (unsharded) weights on the main process: under FSDP every process must take part.
-    state_dict = accelerator.get_state_dict(trainer.model)
-    if accelerator.is_main_process:
-        cfg = copy.deepcopy(cfg_saved)
-        cfg.gate_beta, cfg.device = final_beta, None
-        final = HookedBilinearTransformer(cfg, tokenizer=tokenizer)
-        final.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True)
-        final.eval()
-        summary.update(_finish(final, run_dir, check_tokens, log, ft))
-        summary["wall_s"] = time.perf_counter() - start
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log(f"done in {summary['wall_s']:.0f} s: final validation loss {summary['final_eval_loss']}, "
-            f"beta {final_beta}; model in {run_dir / 'final'}")
-    accelerator.wait_for_everyone()
-    return summary
+        # Full (unsharded) weights on the main process: under FSDP every process must take part.
+        state_dict = accelerator.get_state_dict(trainer.model)
+        if accelerator.is_main_process:
+            cfg = copy.deepcopy(cfg_saved)
+            cfg.gate_beta, cfg.device = final_beta, None
+            final = HookedBilinearTransformer(cfg, tokenizer=tokenizer)
+            final.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, strict=True)
+            final.eval()
+            summary.update(_finish(final, run_dir, check_tokens, log, ft))
+            summary["wall_s"] = time.perf_counter() - start
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log(f"done in {summary['wall_s']:.0f} s: final validation loss {summary['final_eval_loss']}, "
+                f"beta {final_beta}; model in {run_dir / 'final'}")
+        accelerator.wait_for_everyone()
+        return summary
 
 
 def _finish(model: Any, run_dir: Path, tokens: Any, log: Any, ft: FinetuneConfig) -> dict:

@@ -162,48 +162,50 @@ def run_training(run: RunConfig, run_dir: Path, resume: bool = False, callbacks:
     from accelerate.utils import set_seed
 
     from training.data import token_counts
+    from training.accel import process_group_ended
     from training.loop import Trainer, make_accelerator
 
     start = time.perf_counter()
     accelerator = make_accelerator(run.train)
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
-    set_seed(run.train.seed, device_specific=True)  # per-process noise; init uses the model seed
-    prepare_run_folder(run_dir, accelerator, command="train", config_name=RUN_CONFIG_NAME, config=run.to_dict(),
-                       resume=resume, overwrite=overwrite, changes=changes or {})
-    source = text_source(run) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    source = source if source is not None else text_source(run)  # the corpus exists now
-    tokenizer = get_tokenizer(run, source, run_dir, accelerator)
-    train_rows, valid_rows = get_datasets(run, source, tokenizer, accelerator)
-    model = build_model(run, tokenizer)
-    # How often each token occurs in the training text: saved with the model (save_pretrained writes
-    # it), so weight-based readouts can leave out tokens the model never saw (DESIGN.md section 5).
-    model.token_counts = token_counts(train_rows, model.cfg.d_vocab, max_rows=run.data.tokenizer_train_docs)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
-        f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}")
+    with process_group_ended(accelerator):
+        log = print if accelerator.is_main_process else (lambda *a, **k: None)
+        set_seed(run.train.seed, device_specific=True)  # per-process noise; init uses the model seed
+        prepare_run_folder(run_dir, accelerator, command="train", config_name=RUN_CONFIG_NAME, config=run.to_dict(),
+                           resume=resume, overwrite=overwrite, changes=changes or {})
+        source = text_source(run) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        source = source if source is not None else text_source(run)  # the corpus exists now
+        tokenizer = get_tokenizer(run, source, run_dir, accelerator)
+        train_rows, valid_rows = get_datasets(run, source, tokenizer, accelerator)
+        model = build_model(run, tokenizer)
+        # How often each token occurs in the training text: saved with the model (save_pretrained writes
+        # it), so weight-based readouts can leave out tokens the model never saw (DESIGN.md section 5).
+        model.token_counts = token_counts(train_rows, model.cfg.d_vocab, max_rows=run.data.tokenizer_train_docs)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
+            f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}")
 
-    trainer = Trainer(model, run.train, train_rows, valid_rows, run_dir=run_dir, accelerator=accelerator,
-                      callbacks=callbacks, eval_rows=run.data.eval_sequences)
-    eval_rows = trainer.eval_tokens.tolist() if trainer.eval_tokens is not None else []
-    baseline = unigram_entropy(eval_rows)
-    log(f"validation unigram entropy (baseline loss): {baseline:.4f} nats; "
-        f"{trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens")
-    state = trainer.train(resume=resume)
-    final_loss = trainer.evaluate()
+        trainer = Trainer(model, run.train, train_rows, valid_rows, run_dir=run_dir, accelerator=accelerator,
+                          callbacks=callbacks, eval_rows=run.data.eval_sequences)
+        eval_rows = trainer.eval_tokens.tolist() if trainer.eval_tokens is not None else []
+        baseline = unigram_entropy(eval_rows)
+        log(f"validation unigram entropy (baseline loss): {baseline:.4f} nats; "
+            f"{trainer.total_steps} steps of {trainer.tokens_per_step:,} tokens")
+        state = trainer.train(resume=resume)
+        final_loss = trainer.evaluate()
 
-    summary = {"final_eval_loss": final_loss, "unigram_entropy": baseline, "steps": state.step,
-               "tokens_seen": state.tokens_seen, "n_params": n_params, "wall_s": time.perf_counter() - start}
-    if accelerator.is_main_process:
-        raw = trainer.raw_model
-        raw.save_pretrained(str(run_dir / "final"))
-        for i, sample in enumerate(write_samples(raw, run, run_dir / "samples.txt")):
-            log(f"sample {i}: {sample}")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log(f"final validation loss {final_loss:.4f} vs unigram baseline {baseline:.4f}; "
-            f"model in {run_dir / 'final'}; {summary['wall_s']:.0f} s")
-    accelerator.wait_for_everyone()
-    return summary
+        summary = {"final_eval_loss": final_loss, "unigram_entropy": baseline, "steps": state.step,
+                   "tokens_seen": state.tokens_seen, "n_params": n_params, "wall_s": time.perf_counter() - start}
+        if accelerator.is_main_process:
+            raw = trainer.raw_model
+            raw.save_pretrained(str(run_dir / "final"))
+            for i, sample in enumerate(write_samples(raw, run, run_dir / "samples.txt")):
+                log(f"sample {i}: {sample}")
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log(f"final validation loss {final_loss:.4f} vs unigram baseline {baseline:.4f}; "
+                f"model in {run_dir / 'final'}; {summary['wall_s']:.0f} s")
+        accelerator.wait_for_everyone()
+        return summary
 
 
 def finished_message(run: RunConfig, run_dir: Path) -> Optional[str]:

@@ -238,7 +238,7 @@ def test_resume_mid_anneal_equals_uninterrupted(tiny_llama, tmp_path):
 
 
 DDP_SCRIPT = """
-import hashlib, sys
+import hashlib, os, sys, torch
 from pathlib import Path
 from training.finetune import load_finetune_config, run_finetune
 
@@ -252,6 +252,8 @@ class Checksum:
 
 ft = load_finetune_config(sys.argv[1], sys.argv[3:], num_processes=2)
 run_finetune(ft, Path(ft.run.out_dir), callbacks=[Checksum()])
+# the run destroys its process group: one left to interpreter shutdown can abort the process
+Path(sys.argv[2], f"rank{os.environ['RANK']}.group_left").write_text(str(torch.distributed.is_initialized()))
 """
 
 
@@ -270,6 +272,7 @@ def test_two_process_finetune_leaves_identical_weights(tiny_llama, tmp_path, _he
     assert (tmp_path / "rank0.world").read_text() == "2"
     assert (tmp_path / "rank0.sha256").read_text() == (tmp_path / "rank1.sha256").read_text()
     assert (tmp_path / "rank0.beta").read_text() == (tmp_path / "rank1.beta").read_text() == "0.0"
+    assert [(tmp_path / f"rank{r}.group_left").read_text() for r in (0, 1)] == ["False", "False"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["folded"] and summary["fold_max_abs_diff"] < 1e-5 and summary["hf_export_max_abs_diff"] < 1e-4
     betas = [json.loads(l)["beta"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -113,7 +113,7 @@ def test_a_second_signal_aborts_at_once():
 
 
 DDP_SIGNAL_SCRIPT = """
-import os, signal, sys
+import os, signal, sys, torch
 from pathlib import Path
 from training.interrupt import TrainingInterrupted
 from training.run_config import load_run_config
@@ -131,6 +131,7 @@ try:
 except TrainingInterrupted as stop:
     rank = os.environ["RANK"]
     Path(sys.argv[2], f"rank{rank}.stopped").write_text(f"{stop.step} {stop.exit_code} {stop.checkpoint}")
+    Path(sys.argv[2], f"rank{rank}.group_left").write_text(str(torch.distributed.is_initialized()))
 """
 
 
@@ -148,6 +149,7 @@ def test_a_signal_on_one_process_stops_every_process_at_the_same_step(tmp_path, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stopped = {r: (tmp_path / f"rank{r}.stopped").read_text().split() for r in (0, 1)}
     assert stopped[0] == stopped[1]  # same step, same checkpoint, on both processes
+    assert [(tmp_path / f"rank{r}.group_left").read_text() for r in (0, 1)] == ["False", "False"]
     step, code, checkpoint = stopped[0]
     assert step == "3" and code == "143" and checkpoint == str(run / "checkpoints" / "step-00000003")
     assert sorted(p.name for p in Path(checkpoint).glob("random_states_*")) == ["random_states_0.pkl",

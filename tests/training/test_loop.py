@@ -137,7 +137,7 @@ def test_weight_decay_skips_norms_biases_embeddings(tokenizer):
 
 
 DDP_SCRIPT = """
-import hashlib, sys, torch
+import hashlib, os, sys, torch
 from pathlib import Path
 from training.run_config import load_run_config
 from training.train import run_training
@@ -151,6 +151,7 @@ class Checksum:
 
 run = load_run_config(sys.argv[1], sys.argv[3:], num_processes=2)
 run_training(run, Path(run.run.out_dir), callbacks=[Checksum()])
+Path(sys.argv[2], f"rank{os.environ['RANK']}.group_left").write_text(str(torch.distributed.is_initialized()))
 """
 
 
@@ -172,5 +173,6 @@ def test_two_process_data_parallel_run_ends_identical_on_both_ranks(tmp_path, _h
     assert (tmp_path / "rank0.world").read_text() == "2"
     assert (tmp_path / "rank0.sha256").read_text() == (tmp_path / "rank1.sha256").read_text()
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert [(tmp_path / f"rank{r}.group_left").read_text() for r in (0, 1)] == ["False", "False"]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step-00000004").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
