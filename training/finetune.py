@@ -171,7 +171,11 @@ def _verify_tokens(trainer: Any, tokenizer: Any, n: int, vocab: int) -> Any:
 
 def run_finetune(ft: FinetuneConfig, run_dir: Path, resume: bool = False, callbacks: list = (),
                  overwrite: bool = False, changes: Optional[dict] = None) -> dict:
-    """Everything after config validation; returns the summary (also in RUN/summary.json)."""
+    """Everything after config validation; returns the summary (also in RUN/summary.json).
+
+    Under a multi-process launch the process group is destroyed when the run ends (finished or
+    stopped): one run per launched process.
+    """
     import torch
     from accelerate.utils import set_seed
 

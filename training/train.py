@@ -158,6 +158,8 @@ def run_training(run: RunConfig, run_dir: Path, resume: bool = False, callbacks:
 
     Raises ``RunFolderError`` (before writing anything) when ``run_dir`` holds a run and neither
     ``resume`` nor ``overwrite`` is set, and ``TrainingInterrupted`` when a signal stopped training.
+    Under a multi-process launch the process group is destroyed when the run ends (finished or
+    stopped): one run per launched process.
     """
     from accelerate.utils import set_seed
 
