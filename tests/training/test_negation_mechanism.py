@@ -1,19 +1,13 @@
 """benchmarks/negation_mechanism.py: its knock-outs block exactly the attention they name."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def mechanism():
-    spec = importlib.util.spec_from_file_location("negation_mechanism", ROOT / "benchmarks" / "negation_mechanism.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("negation_mechanism")
 
 
 def test_knockouts_in_a_one_layer_model(mechanism, tokenizer):

@@ -1,20 +1,14 @@
 """benchmarks/pronoun_offsets.py: its data positions are where the name sits, its sides are the
 benchmark's, and its placement column is a distribution over offsets."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def offsets_script():
-    spec = importlib.util.spec_from_file_location("pronoun_offsets", ROOT / "benchmarks" / "pronoun_offsets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pronoun_offsets")
 
 
 @pytest.fixture(scope="module")
