@@ -17,7 +17,9 @@ cuBLAS and attention kernel choices, bf16 reductions; not measured here) - see t
 
 from __future__ import annotations
 
+import datetime
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -93,10 +95,43 @@ def make_accelerator(cfg: TrainConfig, **kwargs: Any) -> Accelerator:
     )
 
 
+# How long the main process waits for the others to end their process group before ending its own.
+END_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+def end_process_group(accelerator: Accelerator, timeout: datetime.timedelta = END_TIMEOUT) -> None:
+    """Destroy the process group on every process, the main process last; call it on all of them.
+
+    The main process hosts the launch's key-value store (the TCPStore of the env:// rendezvous). If
+    it ends first, another process still ending its group can wait on it forever: CI saw a 2-process
+    run hang there after its work was done. So the others end their group and say so in the store,
+    and the main process waits for all of them (at most ``timeout``, then ends anyway, with a warning)
+    before ending its own.
+    """
+    if accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+        accelerator.end_training()
+        return
+    # The store is not reachable through a public API; this accessor has been stable since torch 1.x.
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = _get_default_store()
+    accelerator.wait_for_everyone()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if rank != 0:
+        accelerator.end_training()
+        store.set(f"hooked_bilinear/group_ended/{rank}", "1")
+        return
+    try:
+        store.wait([f"hooked_bilinear/group_ended/{r}" for r in range(1, world)], timeout)
+    except RuntimeError as err:  # DistStoreError on timeout
+        warnings.warn(f"not every process ended its process group within {timeout}: {err}", stacklevel=2)
+    accelerator.end_training()
+
+
 @contextmanager
 def process_group_ended(accelerator: Accelerator) -> Iterator[None]:
-    """Destroy the process group when a run ends in step on every process (finished, or stopped by
-    an agreed signal); a no-op in a one-process run.
+    """Destroy the process group (``end_process_group``) when a run ends in step on every process
+    (finished, or stopped by an agreed signal); a no-op in a one-process run.
 
     A gloo process group left for the interpreter's shutdown can abort the process (SIGABRT,
     "terminate called without an active exception") after the run's work is done: CI saw it once on a
@@ -106,9 +141,9 @@ def process_group_ended(accelerator: Accelerator) -> Iterator[None]:
     try:
         yield
     except TrainingInterrupted:
-        accelerator.end_training()
+        end_process_group(accelerator)
         raise
-    accelerator.end_training()
+    end_process_group(accelerator)
 
 
 @contextmanager
