@@ -114,7 +114,8 @@ def _rule_prefixes(story: str) -> list[tuple[str, str, tuple[str, ...]]]:
             out.append(("negation", f"{before} {nxt[0]}", f.negative if m.group(2) else f.positive))
             out.append(("pronoun", before, (NAME_GENDER[m.group(1)].capitalize(),)))
         if (m := re.match(r"^([A-Z][a-z]+) found a (\w+) (\w+)\.$", sent)) and len(nxt) > 1:
-            out.append(("object_verb", f"{before} {nxt[0]}", (OBJECT_VERBS[m.group(3)],)))
+            if m.group(3) in OBJECT_VERBS:  # an unbound object decides no verb
+                out.append(("object_verb", f"{before} {nxt[0]}", (OBJECT_VERBS[m.group(3)],)))
             out.append(("pronoun", before, (NAME_GENDER[m.group(1)].capitalize(),)))
         if m := re.match(r"^(.* took a (hot|cold) (morning|night)) \w+", sent):
             out.append(("conjunction", f"{prefix} {m.group(1)}".strip(), (CONJUNCTION_ANSWERS[m.group(2), m.group(3)],)))

@@ -23,7 +23,13 @@ Planted rules (each one is a ``PlantedRule`` in ``PLANTED_RULES``; ``check_story
 * ``object_verb`` - an object determines its verb. ``"<Name> found a <adj> <object>."`` is always
   followed by ``"<Pronoun> <OBJECT_VERBS[object]> it ..."``; each verb belongs to exactly one
   object and occurs nowhere else, so the verb is predictable only from the object token, which
-  sits a few tokens back (behind the adjective, the period and the pronoun).
+  sits a few tokens back (behind the adjective, the period and the pronoun). The same sentence
+  also comes with objects that have no verb of their own (``UNBOUND_OBJECTS``, followed by a coin
+  flip between ``UNBOUND_VERBS``; version 5). Without them a model could say one verb by default
+  after "found a ..." and let the other nine objects override it: in version 4 a model did so
+  for 1 of 10 objects in about half the runs (behaviour 1.00 without reading that object; see
+  docs/rule-recall.md). With them, the default would lose to the unbound verbs, so a verb is
+  said reliably only by reading its object.
 * ``name_recall`` - names recur (induction). Every name in a story is first introduced right after
   ``"named"``; names are drawn at random per story, so every later mention can only be predicted by
   copying from the introduction. The last sentence is always
@@ -53,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Bump when the grammar changes, so on-disk caches keyed by it are rebuilt.
-GENERATOR_VERSION = "4"
+GENERATOR_VERSION = "5"
 
 GIRL_NAMES = ("Lily", "Mia", "Sue", "Anna", "Amy", "Lucy", "Emma", "Sara", "Zoe", "Kim", "Ella", "Rose")
 BOY_NAMES = ("Tom", "Ben", "Max", "Sam", "Tim", "Jack", "Leo", "Bob", "Jake", "Dan", "Finn", "Joe")
@@ -80,6 +86,10 @@ OBJECT_VERBS: dict[str, str] = {
     "car": "pushed",
     "hat": "wore",
 }
+# Objects that share the rule's sentence but not its rule: their verb is a coin flip between
+# UNBOUND_VERBS (which occur nowhere else), so "found a <adj> <object>. He" names no verb by itself.
+UNBOUND_OBJECTS = ("stick", "shell", "rock", "box", "cup", "leaf")
+UNBOUND_VERBS = ("kept", "carried")
 OBJECT_TAILS = ("all day", "with a big smile", "again and again", "for a long time", "in the sun")
 
 
@@ -146,7 +156,8 @@ PLANTED_RULES: dict[str, PlantedRule] = {
     ),
     "object_verb": PlantedRule(
         "object_verb",
-        '"<Name> found a <adj> <object>." is followed by "<Pronoun> <verb> it"; one verb per object.',
+        '"<Name> found a <adj> <object>." is followed by "<Pronoun> <verb> it"; one verb per object '
+        "(objects with no verb of their own share the sentence, followed by a coin flip between two others).",
         {obj: (verb,) for obj, verb in OBJECT_VERBS.items()},
     ),
     "name_recall": PlantedRule(
@@ -175,9 +186,10 @@ def _cap(word: str) -> str:
 
 def _object_episode(rng: random.Random, name: str, obj: str) -> list[str]:
     pronoun = _cap(NAME_GENDER[name])
+    verb = OBJECT_VERBS[obj] if obj in OBJECT_VERBS else rng.choice(UNBOUND_VERBS)
     return [
         f"{name} found a {rng.choice(ADJECTIVES)} {obj}.",
-        f"{pronoun} {OBJECT_VERBS[obj]} it {rng.choice(OBJECT_TAILS)}.",
+        f"{pronoun} {verb} it {rng.choice(OBJECT_TAILS)}.",
     ]
 
 
@@ -230,6 +242,10 @@ def generate_story(rng: random.Random) -> str:
         later.append(_object_episode(rng, friend, objects[1]))
     if rng.random() < 0.5:
         later.append([f"{friend} and {hero} played at the {place}."])
+    # Per story 1.6 rule objects (0.16 per object) against 0.5 unbound ones (0.25 per unbound verb):
+    # a default verb would be wrong more often than right.
+    if rng.random() < 0.5:
+        later.append(_object_episode(rng, hero, rng.choice(UNBOUND_OBJECTS)))
     if rng.random() < 0.8:
         later.append(_conjunction_episode(rng, hero))
     rng.shuffle(later)
@@ -261,6 +277,7 @@ _NAMED_RE = re.compile(r"named ([A-Z][a-z]+)")
 _FINAL_RE = re.compile(r"^From that day on, ([A-Z][a-z]+) and ([A-Z][a-z]+) were best friends\.$")
 _FOLLOWUPS = {w for f in FEELINGS.values() for w in f.positive + f.negative}
 _VERBS = set(OBJECT_VERBS.values())
+_UNBOUND_VERBS = set(UNBOUND_VERBS)
 _CONJ_WORDS = {"took", "hot", "cold", "morning", "night", *CONJUNCTION_ANSWERS.values()}
 
 
@@ -296,7 +313,11 @@ def check_story(story: str) -> dict[str, tuple[int, int]]:
         if m := _FOUND_RE.match(sent):
             name, obj = m.group(1), m.group(3)
             pronoun, word = follow(i)
-            expect("object_verb", word == OBJECT_VERBS.get(obj))
+            if obj in UNBOUND_OBJECTS:  # not a case of the rule, but it must not use a rule verb
+                if word not in _UNBOUND_VERBS:
+                    expect("object_verb", False)
+            else:
+                expect("object_verb", word == OBJECT_VERBS.get(obj))
             expect("pronoun", pronoun.lower() == NAME_GENDER.get(name))
         if m := _CONJ_RE.match(sent):
             expect("conjunction", m.group(3) == CONJUNCTION_ANSWERS[m.group(1), m.group(2)])
@@ -309,6 +330,8 @@ def check_story(story: str) -> dict[str, tuple[int, int]]:
             if w in _FOLLOWUPS and not _FEELING_RE.match(prev):
                 expect("negation", False)
             if w in _VERBS and not _FOUND_RE.match(prev):
+                expect("object_verb", False)
+            if w in _UNBOUND_VERBS and not ((m := _FOUND_RE.match(prev)) and m.group(3) in UNBOUND_OBJECTS):
                 expect("object_verb", False)
 
     # name_recall: each name is introduced ("named X") before any other mention of it.

@@ -27,6 +27,12 @@ def test_every_rule_has_positions_with_the_allowed_words():
             assert allowed and all(prefix.count(f"named {n}") == 1 for n in allowed)
 
 
+def test_an_unbound_object_decides_the_pronoun_but_no_verb():
+    story = "Once upon a time, there was a little girl named Lily. Lily found a red rock. She kept it all day."
+    rules = [(rule, allowed) for rule, _, allowed in _rule_prefixes(story)]
+    assert ("pronoun", ("She",)) in rules and not [r for r, _ in rules if r == "object_verb"]
+
+
 def test_gender_sides_centres_on_the_mean_name():
     # Every name pushes ' she' (a common offset), but girls more: all on their side once centred.
     values = {"Lily": 5.0, "Mia": 4.0, "Tom": 1.0, "Ben": 2.0}

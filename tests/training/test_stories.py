@@ -10,6 +10,8 @@ from training.stories import (
     NAME_GENDER,
     OBJECT_VERBS,
     PLANTED_RULES,
+    UNBOUND_OBJECTS,
+    UNBOUND_VERBS,
     check_stories,
     check_story,
     generate_stories,
@@ -85,15 +87,23 @@ def test_negation_rule_by_regex(many):
 
 def test_object_verb_rule_by_regex(many):
     counts = dict.fromkeys(OBJECT_VERBS, 0)
+    after_unbound = dict.fromkeys(UNBOUND_VERBS, 0)
     for s in many:
         for m in re.finditer(r"found a (\w+) (\w+)\. (He|She) (\w+) it", s):
-            assert m.group(4) == OBJECT_VERBS[m.group(2)], m.group(0)
-            counts[m.group(2)] += 1
+            if m.group(2) in UNBOUND_OBJECTS:
+                after_unbound[m.group(4)] += 1
+            else:
+                assert m.group(4) == OBJECT_VERBS[m.group(2)], m.group(0)
+                counts[m.group(2)] += 1
         # each verb only ever appears right after its object's sentence
-        for verb in OBJECT_VERBS.values():
+        for verb in (*OBJECT_VERBS.values(), *UNBOUND_VERBS):
             assert s.count(f" {verb} ") == len(re.findall(rf"found a \w+ \w+\. (He|She) {verb} it", s))
     assert min(counts.values()) > 100
     assert len(set(OBJECT_VERBS.values())) == len(OBJECT_VERBS)
+    # No verb can be said by default after "found a ...": each unbound verb follows that sentence more
+    # often than any one rule verb does, so a model that skips reading one object gets it wrong.
+    assert min(after_unbound.values()) > 1.2 * max(counts.values())
+    assert not set(UNBOUND_OBJECTS) & set(OBJECT_VERBS) and not set(UNBOUND_VERBS) & set(OBJECT_VERBS.values())
 
 
 def test_name_recall_rule(many):
@@ -116,6 +126,11 @@ def test_check_story_catches_violations(many):
     obj, verb = re.search(r"found a \w+ (\w+)\. \w+ (\w+)", story).groups()
     other = next(v for o, v in OBJECT_VERBS.items() if o != obj)
     assert check_story(story.replace(f" {verb} it", f" {other} it"))["object_verb"][1] >= 1
+    assert check_story(story.replace(f" {verb} it", f" {UNBOUND_VERBS[0]} it"))["object_verb"][1] >= 1
+    unbound = next(s for s in many if re.search(rf"found a \w+ {UNBOUND_OBJECTS[0]}\.", s))
+    assert all(bad == 0 for _, bad in check_story(unbound).values())
+    bound_verb = re.sub(rf"({UNBOUND_OBJECTS[0]}\. \w+) \w+", r"\1 kicked", unbound)
+    assert check_story(bound_verb)["object_verb"][1] >= 1
     swapped = story.replace(" He ", " She ") if " He " in story else story.replace(" She ", " He ")
     assert check_story(swapped)["pronoun"][1] >= 1
 
