@@ -85,7 +85,8 @@ def report(path: str, offsets: list[int] = OFFSETS, n_stories: int = 200) -> str
     model.eval()
     view = context_view(model)
     names = [view.index(model.to_single_token(" " + n.lower())) for n in NAME_GENDER]
-    placement = view.offset_presence(view.index(model.to_single_token(".")), offsets)[:, names].sum(-1)
+    then = torch.isin(view.ids, torch.tensor([model.to_single_token(" she"), model.to_single_token(" he")])).float()
+    placement = view.offset_presence(view.index(model.to_single_token(".")), offsets, then)[:, names].sum(-1)
     placement = placement / placement.sum()
     data, where = data_effects(model, n_stories=n_stories)
     default = weight_evidence(model, view, offsets)

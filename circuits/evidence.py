@@ -225,7 +225,8 @@ def key_attention(model: Any, view: TokenView, layer: int, head: int, query_inde
 @torch.no_grad()
 def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = None, live: Live = None,
                    competitors: float = TYPICAL_COMPETITORS, offsets: Sequence[int] = CONTEXT_WINDOW, n_pairs: int = 10,
-                   view: Optional[TokenView] = None, context_prior: bool = True, n_carriers: int = 16) -> TokenEvidence:
+                   view: Optional[TokenView] = None, context_prior: bool = True, n_carriers: int = 16,
+                   placed_by_target: bool = True) -> TokenEvidence:
     """Evidence of every live context token for `target`, from the weights alone (module docstring).
 
     target: a token (str or id) or set of tokens -> its (mean) logit; a pair (a, b) -> the logit
@@ -234,7 +235,9 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     competes with. view: a precomputed `context_view(model, live=live, competitors=competitors)` (reuse
     it across targets; a one-token `token_view` reads keys alone). n_carriers:
     which head carries a token is measured for this many top tokens of each sign (NaN for the rest;
-    0: none, which saves a virtual readout per head)."""
+    0: none, which saves a virtual readout per head). placed_by_target: placements and plausibility
+    are those of the query followed by the target's tokens (with the view's pair chain; False:
+    of the query wherever it sits)."""
     check_bilinear(model)
     if isinstance(target, tuple) and len(target) == 2:
         a, b = _token_ids(model, target[0]), _token_ids(model, target[1])
@@ -252,8 +255,10 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     dtype = view.resid[0].dtype
     n = view.ids.numel()
     offsets = [o for o in offsets if 0 < o < model.cfg.n_ctx] or [1]
+    # Placements of the query where the target is decided: the query followed by the target's tokens.
+    then = torch.isin(view.ids, torch.tensor(class_ids, device=view.ids.device)).float() if placed_by_target else None
     if context_prior:
-        presence = view.context_presence(qi, offsets)
+        presence = view.context_presence(qi, offsets, then)
         plausibility = (presence / (presence + 1.0 / n)).clamp_min(1e-6).to(dtype)
     else:
         plausibility = torch.ones(n, dtype=dtype, device=view.ids.device)
@@ -310,11 +315,11 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     # Each token in the context it keeps (its company among the competitors), against that same
     # context without it; each placement weighted by how likely the model's own view of text puts
     # the token there.
-    draw = view.each_token_draw().to(dtype)  # [n, n]
-    where = view.offset_presence(qi, offsets).to(dtype)  # [O, n]
+    draw = view.placed_draw(qi, offsets, CONTEXT_WINDOW).to(dtype)  # [O, n, n]
+    where = view.offset_presence(qi, offsets, then).to(dtype)  # [O, n]
     where = where / where.sum(0, keepdim=True).clamp_min(1e-30)
     rows = torch.cat([torch.arange(n, device=view.ids.device), torch.full((n,), -1, device=view.ids.device)])
-    alone = expected_readout(model, view, qi, rows[:, None], u, competitors, offsets, draw=torch.cat([draw, draw]),
+    alone = expected_readout(model, view, qi, rows[:, None], u, competitors, offsets, draw=torch.cat([draw, draw], 1),
                              weights=torch.cat([where, where], 1))
     empty, single = alone[n:], alone[:n] - alone[n:]
     routes["chains and norms"] = single - torch.stack(list(routes.values())).sum(0)
@@ -328,7 +333,7 @@ def token_evidence(model: Any, target: Any, query: Optional[Union[int, str]] = N
     for l in range(L if measured.numel() else 0):
         for h in range(H):
             blind = expected_readout(model, view, qi, measured[:, None], u, competitors, offsets, blocked=(l, h),
-                                     draw=draw[measured], weights=where[:, measured])
+                                     draw=draw[:, measured], weights=where[:, measured])
             carriers[f"L{l}H{h}"] = torch.full_like(single, float("nan")).index_put_(
                 (measured,), single[measured] - (blind - empty[measured]))
     # Interactions: the bilinear pair terms, by score (each pair once, through its best heads).

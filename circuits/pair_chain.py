@@ -24,12 +24,19 @@ Placements (`PairChain.offset_presence`): the probability that q comes exactly j
 given the last two tokens (a, b) is r_j[a, b], with r_0[a, b] = [b == q] and
 r_j[a, b] = sum_c P(c | a, b) r_{j-1}[b, c]; then P(s sits k before q) is proportional to
 p(s) sum_b P(b | s) r_{k-1}[s, b] (the first step has only s to go on), p the training frequency.
+
+A query is followed by many things, and the placements of a rule are those of the query *followed
+by the rule's words*: the '.' before "she" ends "lily was happy." (the name 4 tokens back), while
+the average '.' also ends "the birds sang in the trees." (the last name further back). With
+`then` (the tokens that follow), r_0[a, q] = P(then | a, q) instead of 1: the pair (a, q) weighed
+by how likely it is followed by them. The one-token chain cannot condition so (P(then | q) is the
+same for every placement).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -53,14 +60,16 @@ class PairChain:
     p_next: Tensor
     leftover: Tensor
 
-    def offset_presence(self, query_index: int, offsets: Sequence[int]) -> Tensor:
+    def offset_presence(self, query_index: int, offsets: Sequence[int], then: Optional[Tensor] = None) -> Tensor:
         """P(token s sits exactly `offsets[i]` positions before the query): [len(offsets), n], rows
-        summing to 1 over the live tokens."""
+        summing to 1 over the live tokens. then: [n], indicator (or weights) of the tokens that follow
+        the query at the positions being explained; the placements are then those of a query followed
+        by them (module docstring)."""
         n, k = self.second.shape
         M = self.step
         rows = torch.arange(n, device=M.device)
         r = torch.zeros(n, n, dtype=M.dtype, device=M.device)
-        r[:, query_index] = 1.0  # r_0[a, b] = [b == q]
+        r[:, query_index] = 1.0 if then is None else self.next_mass(query_index, then)  # r_0[a, b] = [b == q] P(then | a, q)
         out = {}
         for j in range(1, max(offsets) + 1):
             backoff = (M * r).sum(-1)  # [b]: sum_c P(c | b) r_{j-1}[b, c], the one-token step from b
@@ -74,6 +83,17 @@ class PairChain:
             r_next[rows[:, None], self.second] = kept + self.leftover * backoff[self.second]
             r = r_next
         return torch.stack([out[j] for j in offsets])
+
+    def next_mass(self, query_index: int, then: Tensor) -> Tensor:
+        """P(the token after the query is in `then` | the token before the query is a), for every a:
+        [n]. From the pair (a, q) where it was run, its leftover backing off to P(then | q)."""
+        then = then.to(self.step.dtype)
+        alone = (self.step[query_index] * then).sum()
+        out = torch.full((self.second.shape[0],), float(alone), dtype=self.step.dtype, device=self.step.device)
+        a, slot = (self.second == query_index).nonzero(as_tuple=True)
+        kept = (self.p_next[a, slot] * then[self.next[a, slot]]).sum(-1)
+        out[a] = kept + self.leftover[a, slot] * alone
+        return out
 
 
 @torch.no_grad()

@@ -50,16 +50,18 @@ class TokenView:
             raise ValueError(f"token {token_id} is not live (it never occurs in the training text); pass live='all' to use it")
         return int(hits[0, 0])
 
-    def offset_presence(self, query_index: int, offsets: Sequence[int]) -> Tensor:
+    def offset_presence(self, query_index: int, offsets: Sequence[int], then: Optional[Tensor] = None) -> Tensor:
         """P(token s sits exactly `offsets[i]` positions before the query), in the model's own view of
         text: [len(offsets), n]; each row sums to 1 over the live tokens.
 
         With `pairs`, from the model after two tokens (`PairChain.offset_presence`). Without, the
         model after one token is a Markov chain over the live tokens (M[s, t]: the probability of t
         right after s alone, renormalized over live tokens; start: the training frequency), and by
-        Bayes P(token s at offset k before q) = p(s) M^k[s, q] / sum_s' p(s') M^k[s', q]."""
+        Bayes P(token s at offset k before q) = p(s) M^k[s, q] / sum_s' p(s') M^k[s', q].
+        then: [n], the tokens that follow the query at the positions explained (the pair chain
+        conditions on them; the one-token chain cannot, P(then | q) being one number)."""
         if self.pairs is not None:
-            return self.pairs.offset_presence(query_index, offsets)
+            return self.pairs.offset_presence(query_index, offsets, then)
         return self._before(torch.tensor([query_index], device=self.ids.device), offsets)[..., 0]
 
     def company(self, span: int = 3) -> Tensor:
@@ -112,12 +114,48 @@ class TokenView:
         company = torch.where(count > 0, mixed / count.clamp_min(1), self.frequency[None])
         return company_draw(self.frequency, company, share)
 
-    def context_presence(self, query_index: int, offsets: Sequence[int]) -> Tensor:
+    def bridge(self, query_index: int, offsets: Sequence[int]) -> Tensor:
+        """The text between a token and the query: row s of block i is P(token t sits at a given
+        position between s and the query | s sits `offsets[i]` before it), averaged over the
+        offsets[i] - 1 positions between, under the one-token chain (P(t at j | s at k, q at 0) =
+        M^{k-j}[s, t] M^j[t, q] / M^k[s, q]): [len(offsets), n, n] (zero rows at offset 1, or
+        where the chain cannot put s there). Cached on the view."""
+        cache = self.__dict__.setdefault("_bridge", {})
+        key = (query_index, tuple(offsets))
+        if key not in cache:
+            M = self.step().double()  # powers up to 16 steps underflow in float32
+            n = M.shape[0]
+            powers = [torch.eye(n, dtype=M.dtype, device=M.device)]
+            for _ in range(max(offsets)):
+                powers.append(powers[-1] @ M)
+            blocks = []
+            for k in offsets:
+                between = torch.zeros(n, n, dtype=M.dtype, device=M.device)
+                for j in range(1, k):
+                    between += powers[k - j] * powers[j][:, query_index][None, :]
+                reach = powers[k][:, query_index][:, None]
+                blocks.append(torch.where(reach > 1e-300, between / (max(k - 1, 1) * reach.clamp_min(1e-300)), 0.0))
+            cache[key] = torch.stack(blocks).to(self.frequency.dtype)
+        return cache[key]
+
+    def placed_draw(self, query_index: int, offsets: Sequence[int], window: Sequence[int]) -> Tensor:
+        """`each_token_draw` for each token placed at each offset before the query: [len(offsets), n, n].
+        The competitors at the window's positions between the token and the query come from the
+        text between them (`bridge`): ' jack' five tokens before '.' comes with "found a red ball",
+        not with whatever is frequent."""
+        between = torch.tensor([sum(1 for o in window if 0 < o < k) / max(len(window) - 1, 1) for k in offsets],
+                               dtype=self.frequency.dtype, device=self.ids.device)[:, None, None]
+        bridge = self.bridge(query_index, offsets)
+        # A token the chain cannot put there has no bridge: its draw stays `each_token_draw`.
+        share = between * (bridge.sum(-1, keepdim=True) > 0)
+        return (1 - share) * self.each_token_draw()[None] + share * bridge
+
+    def context_presence(self, query_index: int, offsets: Sequence[int], then: Optional[Tensor] = None) -> Tensor:
         """Probability that each live token sits at one of `offsets` positions before the query
         (`offset_presence`, the offsets combined as independent chances 1 - prod_k (1 - P_k)): [n].
         A weights-only prior on which tokens can be in the query's context at all: ' cold' can
         precede ' night', ' mom' cannot."""
-        return 1 - (1 - self.offset_presence(query_index, offsets)).prod(0)
+        return 1 - (1 - self.offset_presence(query_index, offsets, then)).prod(0)
 
     def normalized(self, layer: int) -> Tensor:
         """What ln1 of `layer` makes of each token's effective embedding, before its gain: [n, d_model]."""

@@ -187,7 +187,7 @@ def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: T
                      draw: Optional[Tensor] = None, window: Sequence[int] = CONTEXT_WINDOW) -> Tensor:
     """`virtual_readout` with the keys at one offset at a time, averaged over `offsets` (uniformly,
     or by `weights`: [len(offsets)], or [len(offsets), m] per row): [m]. draw: [m, n] competitors'
-    draw probabilities per row.
+    draw probabilities per row, or [len(offsets), m, n] per offset and row (`TokenView.placed_draw`).
 
     A real context holds a token at one position, seen by every head from there; `virtual_readout`
     with several offsets lets each head see a key at its own best offset at once, which overstates
@@ -201,8 +201,14 @@ def expected_readout(model: Any, view: TokenView, query: int, keys: Tensor, u: T
     m = keys.shape[0]
     rows = keys.repeat(len(offsets), 1)  # offset-major: rows [o * m + i]
     at = torch.tensor(offsets, device=keys.device).repeat_interleave(m)
+    if draw is not None and draw.ndim == 3:
+        if draw.shape[0] != len(offsets):
+            raise ValueError(f"a draw for {draw.shape[0]} offsets, with {len(offsets)} offsets")
+        draw = draw.reshape(-1, draw.shape[-1])  # offset-major, as the rows
+    elif draw is not None:
+        draw = draw.repeat(len(offsets), 1)
     f = virtual_readout(model, view, query, rows, u, competitors, blocked=blocked, row_offsets=at,
-                        draw=None if draw is None else draw.repeat(len(offsets), 1), window=window)
+                        draw=draw, window=window)
     weights = weights.to(f) if weights.ndim == 2 else weights.to(f)[:, None]
     return (weights * f.view(len(offsets), m)).sum(0)
 
