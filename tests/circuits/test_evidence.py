@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from circuits.competitors import CONTEXT_WINDOW
 from circuits.directions import logit_diff_direction
 from circuits.evidence import token_evidence
 from circuits.token_view import token_view
@@ -85,6 +86,28 @@ def test_context_presence_follows_the_models_own_chain():
     assert torch.allclose(view.context_presence(2, [3]), torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
 
 
+def test_the_bridge_is_the_text_between_a_token_and_the_query():
+    """A model that writes 0 -> 1 -> 2 -> 3 -> 0 and 4 -> 2: three before a 3, a 0 comes with a 1 and
+    a 2 between it and the query; two before it, a 4 (or a 1) comes with a 2; a 4 cannot sit three
+    before a 3, and keeps its usual draw."""
+    from circuits.token_view import TokenView
+
+    logits = torch.full((5, 5), -1e4)
+    logits[0, 1] = logits[1, 2] = logits[2, 3] = logits[3, 0] = logits[4, 2] = 0.0
+    view = TokenView(ids=torch.arange(5), resid=[], ln1_scale=[], ln2_scale=[], log_probs=logits.log_softmax(-1),
+                     frequency=torch.full((5,), 0.2))
+    bridge = view.bridge(3, [1, 2, 3])
+    assert torch.allclose(bridge[0], torch.zeros(5, 5))  # offset 1: nothing between
+    assert torch.allclose(bridge[1, 4], torch.tensor([0.0, 0, 1, 0, 0]), atol=1e-6)
+    assert torch.allclose(bridge[2, 0], torch.tensor([0.0, 0.5, 0.5, 0, 0]), atol=1e-6)
+    assert torch.allclose(bridge[2, 4], torch.zeros(5))  # unreachable there
+    draw = view.placed_draw(3, [1, 3], window=range(1, 17))
+    usual = view.each_token_draw()
+    assert torch.allclose(draw[0], usual)
+    assert torch.allclose(draw[1, 0], (1 - 2 / 15) * usual[0] + 2 / 15 * bridge[2, 0], atol=1e-6)
+    assert torch.allclose(draw[1, 4], usual[4]) and torch.allclose(draw.sum(-1), usual.sum(-1).expand(2, -1), atol=1e-5)
+
+
 def test_plausibility_ranks_tokens_and_pairs_but_keeps_raw_values(tiny_model):
     plain = token_evidence(tiny_model, (5, [6, 7]), query=11, live="all", n_pairs=3, context_prior=False)
     ranked = token_evidence(tiny_model, (5, [6, 7]), query=11, live="all", n_pairs=3)
@@ -130,14 +153,21 @@ def test_evidence_averages_over_placements_where_the_token_may_sit(tiny_model):
     e = token_evidence(tiny_model, (5, [6, 7]), query=11, view=view, offsets=(1, 3), n_pairs=0)
     n = view.ids.numel()
     draw = view.competitor_draw(torch.arange(n))
+    placed = view.placed_draw(view.index(11), (1, 3), CONTEXT_WINDOW)  # [2, n, n]: the text between comes along
     keys = torch.arange(n)[:, None]
     empty = torch.full((n, 1), -1)
-    each = [virtual_readout(tiny_model, view, 11, keys, u, key_offsets=(o,), draw=draw)
-            - virtual_readout(tiny_model, view, 11, empty, u, key_offsets=(o,), draw=draw) for o in (1, 3)]
-    where = view.offset_presence(view.index(11), [1, 3])
+    each = [virtual_readout(tiny_model, view, 11, keys, u, key_offsets=(o,), draw=placed[i])
+            - virtual_readout(tiny_model, view, 11, empty, u, key_offsets=(o,), draw=placed[i]) for i, o in enumerate((1, 3))]
+    # Placed where the target is decided: the query followed by the target's tokens.
+    then = torch.isin(view.ids, torch.tensor([5, 6, 7])).float()
+    where = view.offset_presence(view.index(11), [1, 3], then)
     where = where / where.sum(0, keepdim=True)
     assert torch.allclose(e.total, where[0] * each[0] + where[1] * each[1], atol=1e-5)
     assert not torch.allclose(where[0], where[1])  # the weights differ: not a plain mean
+    anywhere = view.offset_presence(view.index(11), [1, 3])
+    assert not torch.allclose(where, anywhere / anywhere.sum(0, keepdim=True), atol=1e-4)
+    assert torch.allclose(placed[0], draw)  # nothing between a token and the query right after it
+    assert not torch.allclose(placed[1], draw, atol=1e-4)
     assert torch.allclose(expected_readout(tiny_model, view, 11, keys, u, offsets=(1, 3), weights=torch.tensor([1.0, 0.0]),
                                            draw=draw),
                           virtual_readout(tiny_model, view, 11, keys, u, key_offsets=(1,), draw=draw), atol=1e-6)

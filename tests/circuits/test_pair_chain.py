@@ -38,6 +38,13 @@ def test_pair_chain_places_by_what_came_two_tokens_back():
     alone = pair_chain(_PairTable(table), ids, step, freq, branching=0).offset_presence(he, [2])[0]
     assert float(pairs[flower]) == pytest.approx(1.0, abs=1e-6) and float(pairs[toys]) < 1e-6
     assert float(alone[flower]) == pytest.approx(float(alone[toys]), rel=1e-5) and float(alone[toys]) > 0.4
+    # Where a '.' is followed by ' he', the token before it is flower; any '.' as likely follows toys.
+    chain = pair_chain(_PairTable(table), ids, step, freq, branching=5)
+    then_he = torch.zeros(5).index_fill_(0, torch.tensor([he]), 1.0)
+    anywhere = chain.offset_presence(dot, [1])[0]
+    before_he = chain.offset_presence(dot, [1], then_he)[0]
+    assert float(anywhere[flower]) == pytest.approx(float(anywhere[toys]), rel=1e-5)
+    assert float(before_he[flower]) == pytest.approx(1.0, abs=1e-6) and float(before_he[toys]) < 1e-6
 
 
 def test_full_branching_is_the_second_order_chain_summed_over_every_path(tiny_model):
@@ -52,7 +59,8 @@ def test_full_branching_is_the_second_order_chain_summed_over_every_path(tiny_mo
     P2 = logits.log_softmax(-1)[:, ids].exp().view(n, n, n)
     P2 = P2 / P2.sum(-1, keepdim=True)  # P(c | a, b) over the live tokens
     q = 2
-    for k in (1, 2, 3):
+    then = torch.tensor([1.0, 0, 0, 0, 1, 0])  # the query followed by ids[0] or ids[4]
+    for k, followed in itertools.product((1, 2, 3), (False, True)):
         brute = torch.zeros(n, dtype=torch.float64)
         for s in range(n):
             for middle in itertools.product(range(n), repeat=k - 1):
@@ -60,10 +68,12 @@ def test_full_branching_is_the_second_order_chain_summed_over_every_path(tiny_mo
                 p = float(freq[s] * step[s, path[1]])
                 for a, b, c in zip(path, path[1:], path[2:]):
                     p *= float(P2[a, b, c])
+                if followed:
+                    p *= float((P2[path[-2], q] * then).sum())
                 brute[s] += p
         brute /= brute.sum()
-        got = view.offset_presence(q, [k])[0].double()
-        assert torch.allclose(got, brute, atol=1e-6), k
+        got = view.offset_presence(q, [k], then if followed else None)[0].double()
+        assert torch.allclose(got, brute, atol=1e-6), (k, followed)
 
 
 def test_no_branching_is_the_one_token_chain_and_rows_are_distributions(tiny_model):
