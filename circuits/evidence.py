@@ -20,13 +20,18 @@ it is in the context, pushes u?". We answer it with a weight-only stand-in for a
 
 A token's **evidence** is what its presence adds to u at the query: the model at the query's
 position in a virtual context of the query, the token and typical filler (one competitor in five
-drawn from the token's usual company, `TokenView.company`: ' flower' comes after "found a red"),
-minus the same context without the token (`circuits.virtual_context`: every layer, every chain -- a layer-0 head feeding MLP 0
-feeding MLP 1 -- computed from the weights), averaged over the token sitting 1, 2, ..., 16 tokens
-before the query (`offsets`), each placement weighted by how likely the model's own view of text
-puts the token there (`TokenView.offset_presence`, from the model after two tokens,
-`circuits.pair_chain`: an object sits two tokens before the pronoun that follows its sentence, while
-' toys', after which "." is followed by "one day", does not). One position at a time, seen by every head from there, as in a real
+drawn from the token's usual company, `TokenView.company`: ' flower' comes after "found a red";
+the positions between the token and the query filled with the text the model's own chain puts
+between them, `TokenView.placed_draw`: ' jack' five tokens before '.' comes with "found a red
+ball"), minus the same context without the token (`circuits.virtual_context`: every layer, every
+chain -- a layer-0 head feeding MLP 0 feeding MLP 1 -- computed from the weights), averaged over the
+token sitting 1, 2, ..., 16 tokens before the query (`offsets`), each placement weighted by how
+likely the model's own view of text puts the token there *where the target is decided*: before the
+query followed by the target's tokens (`TokenView.offset_presence` with `then`, from the model after
+two tokens, `circuits.pair_chain`: an object sits two tokens before the pronoun that follows its
+sentence, while ' toys', after which "." is followed by "one day", does not; the '.' before ' she'
+ends "lily was happy.", four tokens after the name, while the average '.' may end a sentence with
+no name at all). One position at a time, seen by every head from there, as in a real
 context: heads read at preferred distances and what a token does can depend on where it sits (a
 name one token before a "." can say the next name is someone else), and letting each head see the
 token at its own best offset at once mixed placements no context holds. It is split
@@ -44,8 +49,8 @@ words (a negation, an exclusive or) shows up. Units: logit difference.
 A virtual context can hold any token, including ones the model never sees before the query (' mom'
 right before ' night'); their evidence is what the model *would* do, not a circuit it uses. So every
 token also gets a **plausibility** from the model's own view of text
-(`TokenView.context_presence`: the chance it sits at one of `offsets` before the query, under the
-same chain), squashed to `c / (c + 1/n)` for n live tokens: near 1 for any token
+(`TokenView.context_presence`: the chance it sits at one of `offsets` before the query followed by
+the target, under the same chain), squashed to `c / (c + 1/n)` for n live tokens: near 1 for any token
 more likely there than a random live token, near 0 for tokens that cannot be there. Tokens are
 ranked by evidence x plausibility and pairs by interaction x both plausibilities ("what they
 plausibly contribute"); the raw values stay in `total` and `PairEvidence.value`

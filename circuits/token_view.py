@@ -152,7 +152,8 @@ class TokenView:
 
     def context_presence(self, query_index: int, offsets: Sequence[int], then: Optional[Tensor] = None) -> Tensor:
         """Probability that each live token sits at one of `offsets` positions before the query
-        (`offset_presence`, the offsets combined as independent chances 1 - prod_k (1 - P_k)): [n].
+        (`offset_presence`, the offsets combined as independent chances 1 - prod_k (1 - P_k); then:
+        the query followed by those tokens): [n].
         A weights-only prior on which tokens can be in the query's context at all: ' cold' can
         precede ' night', ' mom' cannot."""
         return 1 - (1 - self.offset_presence(query_index, offsets, then)).prod(0)
