@@ -27,3 +27,14 @@ def test_the_demo_report_leads_with_the_rule_it_explains(tmp_path):
     # The head that carries it comes with what it attends to from the query.
     assert re.search(r"which attends from the query ' he' to ' ball' with expected attention 0\.\d\d", report)
     assert re.search(rf"\| {head} \| head_ov \|.*from ' he' attends to ", report), head
+
+    # No token that never occurs in the demo's training text is named anywhere in the report (the
+    # report quotes tokens with repr). Dead strings that some live token also decodes to are skipped.
+    counts = model.token_counts
+    assert counts is not None and int((counts == 0).sum()) > 0  # the check below has something to check
+    strings = [model.tokenizer.decode([i]) for i in range(model.cfg.d_vocab)]
+    live = {s for s, c in zip(strings, counts.tolist()) if c > 0}
+    dead = {s for s, c in zip(strings, counts.tolist()) if c == 0 and s and s not in live}
+    assert dead
+    named = [s for s in dead if repr(s) in report]
+    assert not named, named
